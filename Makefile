@@ -1,0 +1,28 @@
+# `make run` and `make test` each set up .venv from nothing (Debian packages included), then run.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export GRADIO_ANALYTICS_ENABLED := False
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup run test lint clean
+
+$(STAMP): requirements.txt requirements-nodeps.txt scripts/setup.sh
+	./scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(PY) scripts/run.py
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,340 @@
+"""``EurekaAudio``: the object ``load_model`` returns — chat messages in, text (and routing traces) out.
+
+Generation is transformers' own ``generate()`` on the backbone, fed ``inputs_embeds``; streaming is its
+``TextIteratorStreamer``. What this file adds is the audio: front-end, encoder, adapter, and the routing trace.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .audio import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, SAMPLE_RATE, AudioFeatures, audio_features, chunk_log_mel
+from .config import EurekaConfig
+from .modeling import EurekaAudioModel, RouterOutput
+from .prompts import Prompt, SpecialTokenIds, audio_items, build_prompt
+from .tokenizer import encode_plain_text
+
+TOKEN_SECONDS = SAMPLES_PER_TOKEN / SAMPLE_RATE
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings. ``temperature == 0`` means greedy (the reference CLI's default)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 0.8
+    top_k: int = 20
+    repetition_penalty: float = 1.05
+    seed: int | None = None
+
+    def to_generation_config(self, ids: SpecialTokenIds) -> GenerationConfig:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        sampling = self.temperature > 0
+        extra = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if sampling else {}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sampling,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=ids.im_end,
+            pad_token_id=ids.pad,
+            **extra,
+        )
+
+
+@dataclass
+class RoutingTrace:
+    """Per audio token: which experts the router chose, with what weights, and when in the clip it sits."""
+
+    expert_ids: np.ndarray  # [tokens, top_k] int
+    expert_weights: np.ndarray  # [tokens, top_k] float
+    router_probs: np.ndarray  # [tokens, routed experts] float
+    audio_index: np.ndarray  # [tokens] which audio of the conversation
+    start_s: np.ndarray  # [tokens] start of the token's 80 ms span within its clip
+    end_s: np.ndarray  # [tokens] end of that span (the last one stops at the clip's end)
+    durations_s: list[float] = field(default_factory=list)
+
+    @property
+    def n_experts(self) -> int:
+        return self.router_probs.shape[1]
+
+    def entropy_bits(self) -> np.ndarray:
+        """Router entropy per token in bits: 0 = certain, log2(E) = uniform."""
+        probs = np.clip(self.router_probs, 1e-12, 1.0)
+        return -(probs * np.log2(probs)).sum(axis=1)
+
+    def expert_load(self) -> np.ndarray:
+        """Share of top-k slots each expert received (sums to 1)."""
+        counts = np.bincount(self.expert_ids.ravel(), minlength=self.n_experts)
+        return counts / max(1, counts.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_experts": self.n_experts,
+            "top_k": int(self.expert_ids.shape[1]),
+            "durations_s": self.durations_s,
+            "tokens": [
+                {
+                    "audio_index": int(self.audio_index[i]),
+                    "start_s": round(float(self.start_s[i]), 4),
+                    "end_s": round(float(self.end_s[i]), 4),
+                    "expert_ids": self.expert_ids[i].tolist(),
+                    "expert_weights": [round(float(w), 6) for w in self.expert_weights[i]],
+                    "router_probs": [round(float(p), 6) for p in self.router_probs[i]],
+                }
+                for i in range(len(self.start_s))
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        k, n = self.expert_ids.shape[1], self.n_experts
+        writer.writerow(
+            ["audio_index", "start_s", "end_s"]
+            + [f"expert_{j}" for j in range(k)]
+            + [f"weight_{j}" for j in range(k)]
+            + [f"prob_expert_{e}" for e in range(n)]
+        )
+        for i in range(len(self.start_s)):
+            writer.writerow(
+                [int(self.audio_index[i]), f"{self.start_s[i]:.3f}", f"{self.end_s[i]:.3f}"]
+                + self.expert_ids[i].tolist()
+                + [f"{w:.6f}" for w in self.expert_weights[i]]
+                + [f"{p:.6f}" for p in self.router_probs[i]]
+            )
+        return buffer.getvalue()
+
+
+def routing_trace(routing: RouterOutput, clips: list[AudioFeatures]) -> RoutingTrace:
+    """Attach each routed token to its clip and 80 ms time span."""
+    audio_index = np.concatenate([np.full(c.n_tokens, i) for i, c in enumerate(clips)]).astype(np.int64)
+    local = np.concatenate([np.arange(c.n_tokens) for c in clips]).astype(np.float64)
+    durations = np.array([c.duration_s for c in clips])
+    return RoutingTrace(
+        expert_ids=routing.expert_ids.cpu().numpy(),
+        expert_weights=routing.expert_weights.float().cpu().numpy(),
+        router_probs=routing.router_probs.float().cpu().numpy(),
+        audio_index=audio_index,
+        start_s=local * TOKEN_SECONDS,
+        end_s=np.minimum((local + 1) * TOKEN_SECONDS, durations[audio_index]),
+        durations_s=durations.tolist(),
+    )
+
+
+class _CancelOnEvent(StoppingCriteria):
+    """Stops generation when a streaming consumer goes away (Stop button, closed browser tab)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class PreparedInputs:
+    """A batch ready for the backbone: left-padded embeddings, mask, and the routing of its audio."""
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    traces: list[RoutingTrace | None]
+
+    def generate_kwargs(self) -> dict[str, torch.Tensor]:
+        # input_ids ride along so the repetition penalty also sees the prompt, as in the official code.
+        return {"input_ids": self.input_ids, "inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
+
+
+class EurekaAudio:
+    """In-process Eureka-Audio: ``generate`` / ``stream`` over official chat messages, plus routing traces."""
+
+    def __init__(self, model: EurekaAudioModel, tokenizer, name: str = "eureka-audio"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.special_ids = SpecialTokenIds.from_tokenizer(tokenizer)
+        self.last_routing: RoutingTrace | list[RoutingTrace | None] | None = None
+
+    # --- facts about the loaded model -------------------------------------------------------------------------
+    @property
+    def config(self) -> EurekaConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.backbone.parameters()).dtype
+
+    def describe(self) -> dict[str, Any]:
+        """Name, device, dtype and parameter counts, for headers and logs."""
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        return {
+            "name": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "parameters": count(self.model),
+            "encoder_parameters": count(self.model.audio_encoder),
+            "adapter_parameters": count(self.model.adapter),
+            "backbone_parameters": count(self.model.backbone),
+            "experts": f"{self.config.n_routed_experts} routed (top-{self.config.top_k}) + "
+            f"{self.config.n_shared_experts} shared",
+        }
+
+    def save_pretrained(self, directory) -> None:
+        from .loading import save_pretrained
+
+        save_pretrained(self, directory)
+
+    # --- inputs -----------------------------------------------------------------------------------------------
+    def features(self, source: Any) -> AudioFeatures:
+        """Front-end for one clip (raises AudioInputError on bad input)."""
+        return audio_features(source, self.config.n_mels, self.config.max_audio_seconds)
+
+    def tokenize(self, messages: list[dict[str, Any]]) -> tuple[Prompt, list[AudioFeatures]]:
+        """Load every audio in the conversation and lay out the prompt tokens."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of chat messages")
+        clips = [self.features(source) for source in audio_items(messages)]
+        prompt = build_prompt(
+            messages,
+            lambda text: encode_plain_text(self.tokenizer, text),
+            self.special_ids,
+            [clip.n_tokens for clip in clips],
+        )
+        return prompt, clips
+
+    @torch.inference_mode()
+    def _audio_embeddings(self, clips: list[AudioFeatures]) -> tuple[torch.Tensor, RouterOutput]:
+        # As in the official code, a conversation's clips are concatenated in mel time, then cut into 30 s chunks.
+        log_mel = torch.cat([clip.log_mel for clip in clips], dim=-1)
+        mel_chunks = chunk_log_mel(log_mel).to(self.device)
+        return self.model.audio_embeddings(mel_chunks, log_mel.shape[-1] // FRAMES_PER_TOKEN)
+
+    @torch.inference_mode()
+    def prepare(self, conversations: list[list[dict[str, Any]]]) -> PreparedInputs:
+        """Embed a batch of conversations, left-padded so every row ends where generation begins."""
+        rows, row_ids, traces = [], [], []
+        for messages in conversations:
+            prompt, clips = self.tokenize(messages)
+            input_ids = torch.tensor([prompt.input_ids], device=self.device)
+            audio_embeds, trace = None, None
+            if clips:
+                audio_embeds, routing = self._audio_embeddings(clips)
+                trace = routing_trace(routing, clips)
+            rows.append(self.model.embed(input_ids, audio_embeds, self.special_ids.audio_pad)[0])
+            row_ids.append(input_ids[0])
+            traces.append(trace)
+        width = max(row.shape[0] for row in rows)
+        hidden = rows[0].shape[-1]
+        inputs_embeds = torch.zeros(len(rows), width, hidden, dtype=rows[0].dtype, device=self.device)
+        attention_mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        input_ids = torch.full((len(rows), width), self.special_ids.pad, dtype=torch.long, device=self.device)
+        for i, (row, ids) in enumerate(zip(rows, row_ids)):
+            inputs_embeds[i, width - row.shape[0] :] = row
+            attention_mask[i, width - row.shape[0] :] = 1
+            input_ids[i, width - row.shape[0] :] = ids
+        return PreparedInputs(input_ids, inputs_embeds, attention_mask, traces)
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def _settings(self, settings: GenerationSettings | None, overrides: dict[str, Any]) -> GenerationSettings:
+        base = settings or GenerationSettings()
+        unknown = set(overrides) - set(GenerationSettings.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        return GenerationSettings(**{**base.__dict__, **overrides})
+
+    def _decode(self, token_ids: torch.Tensor) -> str:
+        ids = token_ids.tolist()
+        if self.special_ids.im_end in ids:
+            ids = ids[: ids.index(self.special_ids.im_end)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def generate(
+        self, messages: list, settings: GenerationSettings | None = None, **overrides: Any
+    ) -> str | list[str]:
+        """Answer one conversation (→ str) or a batch of conversations (→ list[str]) in one call.
+
+        Keyword overrides: max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed.
+        The routing trace of the call is left in ``last_routing`` (a list for a batch).
+        """
+        batch = bool(messages) and isinstance(messages[0], list)
+        conversations = messages if batch else [messages]
+        settings = self._settings(settings, overrides)
+        prepared = self.prepare(conversations)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        output_ids = self.model.backbone.generate(
+            **prepared.generate_kwargs(), generation_config=settings.to_generation_config(self.special_ids)
+        )
+        texts = [self._decode(row[prepared.input_ids.shape[1] :]) for row in output_ids]
+        self.last_routing = prepared.traces if batch else prepared.traces[0]
+        return texts if batch else texts[0]
+
+    def stream(
+        self,
+        messages: list[dict[str, Any]],
+        settings: GenerationSettings | None = None,
+        **overrides: Any,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are decoded; their concatenation equals ``generate``'s result.
+
+        Closing the iterator early (a Stop button, a disconnected client) stops the generation thread.
+        """
+        settings = self._settings(settings, overrides)
+        prepared = self.prepare([messages])
+        self.last_routing = prepared.traces[0]
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                with torch.inference_mode():
+                    self.model.backbone.generate(
+                        **prepared.generate_kwargs(),
+                        generation_config=settings.to_generation_config(self.special_ids),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_CancelOnEvent(cancel)]),
+                    )
+            except BaseException as exc:  # surfaced in the consumer's thread below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="eureka-generate", daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            cancel.set()
+            worker.join()
+        if errors:
+            raise errors[0]
+
+    @torch.inference_mode()
+    def routing(self, sources: Any | list[Any]) -> RoutingTrace:
+        """Encoder + adapter only: the router's decisions for one clip (or several, concatenated)."""
+        clips = [self.features(s) for s in (sources if isinstance(sources, list) else [sources])]
+        _, routing = self._audio_embeddings(clips)
+        return routing_trace(routing, clips)

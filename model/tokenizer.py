@@ -1,0 +1,44 @@
+"""Tokenizer helpers: the byte-level tokenizer of ``tiny-random`` and plain-text encoding.
+
+A byte-level BPE with no merges covers every string with 256 tokens, so the random test model needs no trained
+vocabulary, yet has the official special-token names and chat layout.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import PreTrainedTokenizerFast
+
+from .prompts import SPECIAL_TOKENS, THINK_TOKENS
+
+PAD_TOKEN = "<|endoftext|>"
+ALL_SPECIAL_TOKENS = (PAD_TOKEN, *SPECIAL_TOKENS)
+
+
+def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer with the official special tokens (``<think>`` tags are added, not special)."""
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token=PAD_TOKEN,
+        clean_up_tokenization_spaces=False,
+    )
+    wrapped.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|im_end|>"]})
+    wrapped.add_tokens(list(THINK_TOKENS))
+    return wrapped
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens, no merges, plus the special tokens."""
+    alphabet = ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return wrap_tokenizer(tokenizer)
+
+
+def encode_plain_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with special-token strings treated as ordinary characters."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
