@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import soundfile as sf
@@ -33,7 +32,7 @@ MEL_PAD_VALUE = -1.5  # what digital silence maps to after (x + 4) / 4 with the 
 DEFAULT_MAX_SECONDS = 600.0
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
 
-AudioSource = Union[str, os.PathLike, bytes, np.ndarray, tuple, dict]
+AudioSource = str | os.PathLike | bytes | np.ndarray | tuple | dict
 
 
 class AudioInputError(ValueError):

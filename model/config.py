@@ -75,7 +75,7 @@ class EurekaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EurekaConfig":
+    def from_dict(cls, values: dict[str, Any]) -> EurekaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -84,7 +84,7 @@ class EurekaConfig:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "EurekaConfig":
+    def load(cls, path: str | Path) -> EurekaConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -10,14 +10,15 @@ import csv
 import io
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .audio import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, SAMPLE_RATE, AudioFeatures, audio_features, chunk_log_mel
+from .audio import FRAMES_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioFeatures, audio_features, chunk_log_mel
 from .config import EurekaConfig
 from .modeling import EurekaAudioModel, RouterOutput
 from .prompts import Prompt, SpecialTokenIds, audio_items, build_prompt
@@ -163,7 +164,7 @@ class EurekaAudio:
     """In-process Eureka-Audio: ``generate`` / ``stream`` over official chat messages, plus routing traces."""
 
     def __init__(self, model: EurekaAudioModel, tokenizer, name: str = "eureka-audio"):
-        self.model = model.eval()
+        self.model = model.keep_encoder_norms_float32().eval()
         self.tokenizer = tokenizer
         self.name = name
         self.special_ids = SpecialTokenIds.from_tokenizer(tokenizer)
@@ -246,7 +247,7 @@ class EurekaAudio:
         inputs_embeds = torch.zeros(len(rows), width, hidden, dtype=rows[0].dtype, device=self.device)
         attention_mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
         input_ids = torch.full((len(rows), width), self.special_ids.pad, dtype=torch.long, device=self.device)
-        for i, (row, ids) in enumerate(zip(rows, row_ids)):
+        for i, (row, ids) in enumerate(zip(rows, row_ids, strict=False)):
             inputs_embeds[i, width - row.shape[0] :] = row
             attention_mask[i, width - row.shape[0] :] = 1
             input_ids[i, width - row.shape[0] :] = ids

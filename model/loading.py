@@ -81,7 +81,9 @@ def _load_state(model: EurekaAudioModel, state: dict[str, torch.Tensor], source:
         model.backbone.tie_weights()
         missing = [k for k in missing if k != "backbone.lm_head.weight"]
     if missing or unexpected:
-        raise ModelLoadError(f"{source}: weights do not fit the model (missing {missing[:8]}, unexpected {unexpected[:8]})")
+        raise ModelLoadError(
+            f"{source}: weights do not fit the model (missing {missing[:8]}, unexpected {unexpected[:8]})"
+        )
 
 
 def _load_native(directory: Path, dtype: torch.dtype, device: str) -> EurekaAudio:
@@ -186,7 +188,9 @@ def _adapter_layout(names: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], 
     targets = set(renamed.values())
     if not any(".up_proj." in t for t in targets):
         fix = {"gate_proj": "fc1", "down_proj": "fc2"}
-        renamed = {k: re.sub(r"\.(gate_proj|down_proj)\.", lambda m: f".{fix[m.group(1)]}.", v) for k, v in renamed.items()}
+        renamed = {
+            k: re.sub(r"\.(gate_proj|down_proj)\.", lambda m: f".{fix[m.group(1)]}.", v) for k, v in renamed.items()
+        }
     if unknown:
         raise ModelLoadError(f"unexpected adapter keys in {ADAPTER_PREFIX}*: {sorted(unknown)}")
     shape = {target: names[source] for source, target in renamed.items()}
@@ -280,7 +284,8 @@ def official_layout(directory: Path) -> tuple[EurekaConfig, dict[str, str]]:
     mapping.update({ADAPTER_PREFIX + k: "adapter." + v for k, v in renamed.items()})
     mapping.update({BACKBONE_PREFIX + k: "backbone." + k for k in groups["backbone"]})
 
-    checkpoint_config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    config_path = directory / "config.json"
+    checkpoint_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     n_state = enc["conv1.weight"][0]
     in_dim = sizes.pop("_in_dim")
     stack_factor, remainder = divmod(in_dim, n_state)

@@ -116,6 +116,13 @@ class EurekaAudioModel(nn.Module):
         self.adapter = MoEAdapter(config)
         self.backbone = build_backbone(config.backbone)
 
+    def keep_encoder_norms_float32(self) -> EurekaAudioModel:
+        """openai-whisper's LayerNorm computes in float32 and CPU kernels refuse bf16 weights with fp32 inputs."""
+        for module in self.audio_encoder.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.float()
+        return self
+
     def encode_audio(self, mel_chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """[chunks, n_mels, 3000] → [n_tokens, 4 × d]: each 30 s chunk encoded on its own, frames stacked by 4.
 

@@ -10,8 +10,9 @@ stays plain text and can never close a turn or open an audio slot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 ASR_SYSTEM_PROMPT = "You are an advanced ASR (Automatic Speech Recognition) AI assistant."
 CAPTION_PROMPT = "Please provide a comprehensive description of the input audio, covering all details."
@@ -65,7 +66,7 @@ class SpecialTokenIds:
     pad: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "SpecialTokenIds":
+    def from_tokenizer(cls, tokenizer) -> SpecialTokenIds:
         vocab = tokenizer.get_vocab()
         missing = [t for t in SPECIAL_TOKENS + THINK_TOKENS if t not in vocab]
         if missing:
