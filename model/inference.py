@@ -198,10 +198,10 @@ class EurekaAudio:
             f"{self.config.n_shared_experts} shared",
         }
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
         from .loading import save_pretrained
 
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, dtype)
 
     # --- inputs -----------------------------------------------------------------------------------------------
     def features(self, source: Any) -> AudioFeatures:

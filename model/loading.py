@@ -62,12 +62,18 @@ def tiny_random(dtype: torch.dtype = torch.float32, seed: int = 0) -> EurekaAudi
 
 
 # --- our own layout ---------------------------------------------------------------------------------------------
-def save_pretrained(model: EurekaAudio, directory: str | os.PathLike) -> None:
-    """config.json + model.safetensors + tokenizer files; ``load_model(directory)`` reads them back."""
+def save_pretrained(model: EurekaAudio, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """config.json + model.safetensors + tokenizer files; ``load_model(directory)`` reads them back.
+
+    ``dtype`` stores floating-point weights in another precision (float16 halves a bundled checkpoint).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / "config.json")
-    state = {k: v.contiguous() for k, v in model.model.state_dict().items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        for k, v in model.model.state_dict().items()
+    }
     # Tied embeddings share storage; safetensors stores each tensor once, the tie is rebuilt on load.
     if model.model.backbone.config.tie_word_embeddings:
         state.pop("backbone.lm_head.weight", None)
@@ -220,10 +226,50 @@ def _adapter_layout(names: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], 
     return renamed, sizes
 
 
+_TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config", "backbone_config")
+# Routing settings cannot be read from shapes: config.json's adapter section (a key naming adapt/moe/expert) or,
+# for the unambiguous spellings, its root.
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "topk", "num_selected_experts", "n_activated_experts")
+_NORM_TOPK_KEYS = ("norm_topk_prob", "normalize_topk_prob", "renormalize")
+_ADAPTER_EPS_KEYS = ("rms_norm_eps", "norm_eps", "eps")
+
+
+def _adapter_settings(checkpoint_config: dict[str, Any], n_experts: int) -> dict[str, Any]:
+    """top_k, norm_topk_prob and the adapter's RMSNorm eps from config.json where it states them."""
+    sections = [
+        v for k, v in checkpoint_config.items() if isinstance(v, dict) and re.search(r"adapt|moe|expert", k, re.I)
+    ]
+
+    def pick(keys: tuple[str, ...], root_keys: tuple[str, ...] = ()) -> Any:
+        for section in [*sections, {k: checkpoint_config[k] for k in root_keys if k in checkpoint_config}]:
+            for key in keys:
+                if section.get(key) is not None:
+                    return section[key]
+        return None
+
+    settings: dict[str, Any] = {}
+    top_k = pick(_TOP_K_KEYS, root_keys=("num_experts_per_tok", "moe_top_k"))
+    if top_k is None:
+        log.warning("config.json does not state the adapter's top-k; assuming %d", EurekaConfig.top_k)
+    elif not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise ModelLoadError(f"config.json gives adapter top-k {top_k!r}, but the router has {n_experts} experts")
+    else:
+        settings["top_k"] = top_k
+    if (norm_topk := pick(_NORM_TOPK_KEYS, root_keys=("norm_topk_prob",))) is not None:
+        settings["norm_topk_prob"] = bool(norm_topk)
+    if (eps := pick(_ADAPTER_EPS_KEYS)) is not None:
+        settings["adapter_norm_eps"] = float(eps)
+    return settings
+
+
 def _backbone_config(shapes: dict[str, tuple[int, ...]], checkpoint_config: dict[str, Any]) -> dict[str, Any]:
     """A Qwen3 config from the backbone's tensor shapes; rope θ and limits from config.json where present."""
+    # Search the text sub-config first, so adapter or encoder settings of the same name are never picked up.
+    scope = next((checkpoint_config[k] for k in _TEXT_CONFIG_KEYS if isinstance(checkpoint_config.get(k), dict)),
+                 checkpoint_config)
+
     def find(key: str, default: Any) -> Any:
-        stack = [checkpoint_config]
+        stack = [scope]
         while stack:
             node = stack.pop()
             if isinstance(node, dict):
@@ -235,7 +281,8 @@ def _backbone_config(shapes: dict[str, tuple[int, ...]], checkpoint_config: dict
     vocab, hidden = shapes["model.embed_tokens.weight"]
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"model\.layers\.(\d+)\.", k)))
     head_dim = shapes["model.layers.0.self_attn.q_norm.weight"][0]
-    rope = checkpoint_config.get("rope_parameters") or {"rope_type": "default", "rope_theta": find("rope_theta", 1e6)}
+    rope = (scope.get("rope_parameters") or checkpoint_config.get("rope_parameters")
+            or {"rope_type": "default", "rope_theta": find("rope_theta", 1e6)})
     return {
         "model_type": "qwen3",
         "vocab_size": vocab,
@@ -300,6 +347,7 @@ def official_layout(directory: Path) -> tuple[EurekaConfig, dict[str, str]]:
         stack_factor=stack_factor,
         backbone=_backbone_config(groups["backbone"], checkpoint_config),
         **sizes,
+        **_adapter_settings(checkpoint_config, sizes["n_routed_experts"]),
     )
     return config, mapping
 
@@ -310,7 +358,8 @@ def _load_official(directory: Path, dtype: torch.dtype, device: str) -> EurekaAu
     raw = _read_safetensors(_weight_files(directory), dtype, keys=set(mapping))
     state = {mapping[k]: v for k, v in raw.items()}
     _load_state(model, state, str(directory))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    # config.json's auto_map names remote code; without trust_remote_code=False, AutoTokenizer asks on stdin.
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     return EurekaAudio(model.to(device), tokenizer, name=directory.name)
 
 

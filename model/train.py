@@ -1,0 +1,305 @@
+"""Train Eureka-mini: the paper's recipe at toy scale, top to bottom (``python -m model.train --data DIR``).
+
+Stages (reference doc section 5): a tokenizer and backbone text pre-training on the corpus text; alignment with only
+the MoE adapter trainable; joint SFT over ASR, multiple-choice QA and dense captioning with the load-balancing loss.
+The Whisper encoder is frozen (real tiny.en weights), so its outputs are computed once and cached per clip.
+Seeded and resumable: a checkpoint after every stage and every ``--save-every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from .audio import audio_features, chunk_log_mel
+from .config import EurekaConfig
+from .inference import EurekaAudio
+from .loading import build_model
+from .prompts import CAPTION_PROMPT, SpecialTokenIds, build_prompt
+from .tokenizer import ALL_SPECIAL_TOKENS, THINK_TOKENS, encode_plain_text, wrap_tokenizer
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the result; saved beside the checkpoint."""
+
+    seed: int = 0
+    vocab_size: int = 1024
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    pretrain_steps: int = 300
+    align_steps: int = 300
+    sft_steps: int = 1500
+    save_every: int = 200
+
+
+def mini_config(vocab_size: int) -> EurekaConfig:
+    """Whisper tiny.en encoder → 8-expert top-2 adapter (+1 shared) → a 4-layer Qwen3 trained from scratch."""
+    return EurekaConfig(
+        n_mels=80, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
+        n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=96, expert_out_dim=256,
+        aux_loss_weight=0.01,
+        backbone={
+            "model_type": "qwen3", "vocab_size": vocab_size, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": True,
+        },
+    )
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+def read_records(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Chat records ({task, messages, target}) whose audio paths are relative to ``data_dir``."""
+    with open(data_dir / f"records_{split}.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def record_audio(record: dict[str, Any]) -> list[str]:
+    return [item["audio_url"]["url"] for m in record["messages"] if isinstance(m["content"], list)
+            for item in m["content"] if item.get("type") == "audio_url"]
+
+
+def corpus_text(records: list[dict[str, Any]]) -> list[str]:
+    """Every text the model reads or writes: targets, questions, prompts."""
+    texts = [r["target"] for r in records]
+    for record in records:
+        for message in record["messages"]:
+            content = message["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            texts.extend(i["text"] for i in items if i.get("type") == "text")
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A small byte-level BPE over our corpus, with the official special-token names."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(ALL_SPECIAL_TOKENS) + list(THINK_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return wrap_tokenizer(tokenizer)
+
+
+@torch.inference_mode()
+def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path: Path, batch: int = 8) -> dict:
+    """Stacked encoder outputs per clip ([tokens, 4·384], float16): the frozen encoder runs once per clip."""
+    cache: dict[str, torch.Tensor] = torch.load(cache_path) if cache_path.is_file() else {}
+    todo = [c for c in clips if c not in cache]
+    for start in tqdm(range(0, len(todo), batch), desc="encoder cache", unit="batch"):
+        names = todo[start : start + batch]
+        features = [audio_features(data_dir / name, 80) for name in names]
+        chunks = [chunk_log_mel(f.log_mel) for f in features]
+        frames = encoder(torch.cat(chunks))
+        offset = 0
+        for name, feature, chunk in zip(names, features, chunks, strict=True):
+            stacked = frames[offset : offset + chunk.shape[0]].reshape(-1, 4 * frames.shape[-1])
+            cache[name] = stacked[: feature.n_tokens].to(torch.float16).clone()
+            offset += chunk.shape[0]
+        if start // batch % 25 == 24:
+            torch.save(cache, cache_path)
+    torch.save(cache, cache_path)
+    return cache
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    audio: list[str]
+
+
+def make_example(record: dict[str, Any], tokenizer, ids: SpecialTokenIds, cache: dict) -> Example:
+    """Prompt exactly as at inference, then the target and ``<|im_end|>``; loss only on the answer."""
+    audio = record_audio(record)
+    prompt = build_prompt(record["messages"], lambda t: encode_plain_text(tokenizer, t), ids,
+                          [cache[a].shape[0] for a in audio])
+    answer = encode_plain_text(tokenizer, record["target"]) + [ids.im_end]
+    return Example(prompt.input_ids + answer, [IGNORE] * len(prompt.input_ids) + answer, audio)
+
+
+def text_example(text: str, tokenizer, ids: SpecialTokenIds) -> Example:
+    """Plain-text pre-training sample: the text then ``<|im_end|>``."""
+    tokens = encode_plain_text(tokenizer, text) + [ids.im_end]
+    return Example(tokens, tokens, [])
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, labels (−100 on padding) and attention mask."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return input_ids, labels, mask
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds) -> tuple[torch.Tensor, dict]:
+    """Next-token loss on answers, plus λ·L_aux from the adapter when the batch has audio."""
+    input_ids, labels, mask = collate(examples, ids.pad)
+    audio_names = [a for e in examples for a in e.audio]
+    audio_embeds, aux = None, None
+    if audio_names:
+        stacked = torch.cat([cache[a] for a in audio_names]).float()
+        audio_embeds, routing = model.adapter(stacked)
+        aux = routing.aux_loss
+    inputs_embeds = model.embed(input_ids, audio_embeds, ids.audio_pad)
+    output = model.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels)
+    loss = output.loss
+    stats = {"lm_loss": float(output.loss.detach())}
+    if aux is not None:
+        loss = loss + model.config.aux_loss_weight * aux
+        stats["aux_loss"] = float(aux.detach())
+    return loss, stats
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_stage(name: str, model, params, batches, total: int, cache: dict, ids: SpecialTokenIds,
+              cfg: TrainConfig, out: Path, state: dict) -> None:
+    """One stage: AdamW over ``params``; resumes from ``state`` if it stopped inside this stage."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = state.get("step", 0) if state.get("stage") == name else 0
+    if start and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    log = open(out / "train_log.jsonl", "a", encoding="utf-8")
+    progress = tqdm(range(start, total), desc=name, unit="step", initial=start, total=total)
+    model.train()
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, cfg)
+        loss, stats = step_loss(model, batches(step), cache, ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        progress.set_postfix(loss=f"{stats['lm_loss']:.3f}")
+        log.write(json.dumps({"stage": name, "step": step, "lr": lr_at(step, total, cfg), **stats}) + "\n")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()})
+    log.close()
+    model.eval()
+    save_state(out, model, {"stage": name, "step": total, "done": True})
+
+
+STAGES = ("pretrain", "align", "sft")
+
+
+def save_state(out: Path, model, state: dict) -> None:
+    state = {**state, "model": model.state_dict(), "torch_rng": torch.get_rng_state()}
+    torch.save(state, out / "resume.pt.tmp")
+    (out / "resume.pt.tmp").replace(out / "resume.pt")
+
+
+def sampler(items: list, batch_size: int, seed: int, stage: str):
+    """Deterministic batches by step, so a resumed run sees the same data as an uninterrupted one."""
+    def batch(step: int) -> list:
+        rng = random.Random(f"{seed}-{stage}-{step}")
+        return rng.sample(items, min(batch_size, len(items)))
+    return batch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="dataset dir from `python -m model.data --records`")
+    parser.add_argument("--out", type=Path, default=Path("runs/mini"), help="work dir (cache, log, resume state)")
+    parser.add_argument("--export", type=Path, help="write the final checkpoint here (e.g. assets/eureka-mini)")
+    parser.add_argument("--extra-records", type=Path, nargs="*", default=[],
+                        help="more JSONL chat records to train on (e.g. a DataFlux export)")
+    for field, value in TrainConfig().__dict__.items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig().__dict__})
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
+    started = time.perf_counter()
+
+    records = read_records(args.data, "train")
+    for path in args.extra_records:
+        records += [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    tokenizer_dir = args.out / "tokenizer"
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer(corpus_text(records) + [CAPTION_PROMPT], cfg.vocab_size)
+        tokenizer.save_pretrained(tokenizer_dir)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+
+    model = build_model(mini_config(len(tokenizer)))
+    from .whisper_ct2 import load_whisper_tiny_en_encoder
+    model.audio_encoder.load_state_dict(load_whisper_tiny_en_encoder().state_dict())
+    model.audio_encoder.requires_grad_(False)
+    state = torch.load(args.out / "resume.pt", weights_only=False) if (args.out / "resume.pt").is_file() else {}
+    if state:
+        model.load_state_dict(state["model"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resuming: stage {state['stage']} step {state['step']}")
+
+    clips = sorted({a for r in records for a in record_audio(r)})
+    model.audio_encoder.eval()
+    cache = cache_encoder_outputs(model.audio_encoder, args.data, clips, args.out / "encoder_cache.pt")
+    audio_examples = [make_example(r, tokenizer, ids, cache) for r in records]
+    text_examples = [text_example(t, tokenizer, ids) for t in sorted(set(corpus_text(records)))]
+
+    done = STAGES.index(state["stage"]) + (1 if state.get("done") else 0) if state else 0
+    plan = [
+        ("pretrain", list(model.backbone.parameters()), text_examples, cfg.pretrain_steps),
+        ("align", list(model.adapter.parameters()),
+         [e for e, r in zip(audio_examples, records, strict=True) if r["task"] in ("asr", "caption")], cfg.align_steps),
+        ("sft", list(model.adapter.parameters()) + list(model.backbone.parameters()), audio_examples, cfg.sft_steps),
+    ]
+    for index, (name, params, examples, steps) in enumerate(plan):
+        if index < done:
+            continue
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        run_stage(name, model, params, sampler(examples, cfg.batch_size, cfg.seed, name), steps, cache, ids, cfg,
+                  args.out, state)
+        state = {}
+
+    minutes = (time.perf_counter() - started) / 60
+    print(f"training done in {minutes:.1f} min")
+    if args.export:
+        EurekaAudio(model, tokenizer, name="eureka-mini").save_pretrained(args.export, dtype=torch.float16)
+        print(f"wrote {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
