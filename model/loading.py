@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
 from .config import PRESETS, EurekaConfig
@@ -97,7 +97,8 @@ def _load_native(directory: Path, dtype: torch.dtype, device: str) -> EurekaAudi
     model = build_model(config, dtype, init=False)
     state = _read_safetensors([directory / "model.safetensors"], dtype)
     _load_state(model, state, str(directory))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    # Our tokenizers are plain fast tokenizers; AutoTokenizer would try to read config.json as a transformers config.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
     return EurekaAudio(model.to(device), tokenizer, name=directory.name)
 
 

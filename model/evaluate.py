@@ -1,0 +1,202 @@
+"""Evaluate a checkpoint on the synthetic held-out split (``python -m model.evaluate --data DIR``).
+
+ASR word error rate (beside Whisper tiny.en on the same clips), multiple-choice accuracy, caption fact recall, and
+routing statistics: which experts speech and non-speech tokens go to, and the router's entropy.
+Writes a JSON report and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data.synth import read_manifest
+from .data.tasks import caption_facts
+from .inference import EurekaAudio
+from .loading import load_model
+
+TARGETS = {"asr_wer": 0.10, "qa_accuracy": 0.90, "caption_fact_recall": 0.80, "speech_expert_share_of_nonspeech": 0.20}
+
+
+def normalise(text: str) -> list[str]:
+    """Lower-case words without punctuation, so WER counts words and nothing else."""
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
+def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref_word in enumerate(reference, 1):
+        current = [i]
+        for j, hyp_word in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
+        previous = current
+    return previous[-1]
+
+
+def word_error_rate(references: Iterable[str], hypotheses: Iterable[str]) -> float:
+    """Corpus WER: total word edits over total reference words."""
+    pairs = [(normalise(r), normalise(h)) for r, h in zip(references, hypotheses, strict=True)]
+    return sum(edit_distance(r, h) for r, h in pairs) / max(1, sum(len(r) for r, _ in pairs))
+
+
+def answer_letter(text: str) -> str | None:
+    match = re.match(r"\s*\(?([A-D])[.)\s:]", text + " ")
+    return match.group(1) if match else None
+
+
+def in_batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def absolute(record: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
+    """The record's messages with audio paths made absolute."""
+    messages = json.loads(json.dumps(record["messages"]))
+    for message in messages:
+        for item in message["content"] if isinstance(message["content"], list) else []:
+            if item.get("type") == "audio_url":
+                item["audio_url"]["url"] = str(data_dir / item["audio_url"]["url"])
+    return messages
+
+
+def generate_all(model: EurekaAudio, records: list[dict], data_dir: Path, batch_size: int, max_new_tokens: int):
+    outputs = []
+    for batch in in_batches(records, batch_size):
+        outputs += model.generate([absolute(r, data_dir) for r in batch], max_new_tokens=max_new_tokens)
+    return outputs
+
+
+def whisper_baseline(records: list[dict], data_dir: Path) -> list[str]:
+    """Whisper tiny.en (the same weights as our encoder, with its own decoder) on the same clips."""
+    import whisper
+
+    from .audio import load_audio
+    from .whisper_ct2 import load_whisper_tiny_en_full
+
+    peer = load_whisper_tiny_en_full()
+    options = whisper.DecodingOptions(language="en", fp16=False, without_timestamps=True)
+    texts = []
+    for record in records:
+        samples = load_audio(absolute(record, data_dir)[-1]["content"][0]["audio_url"]["url"])
+        mel = whisper.pad_or_trim(whisper.log_mel_spectrogram(samples), 3000)
+        texts.append(whisper.decode(peer, mel, options).text)
+    return texts
+
+
+def routing_stats(model: EurekaAudio, metas: list[dict], data_dir: Path) -> dict[str, Any]:
+    """Top-1 expert shares of speech vs non-speech tokens (by the metadata's speech spans) and router entropy."""
+    speech_top1, other_top1, entropies = [], [], []
+    for meta in metas:
+        trace = model.routing(str(data_dir / meta["audio"]))
+        spans = [(e["start_s"], e["end_s"]) for e in meta["events"] if e["kind"] == "speech"]
+        middle = (trace.start_s + trace.end_s) / 2
+        is_speech = np.array([any(s <= t < e for s, e in spans) for t in middle], dtype=bool)
+        speech_top1 += trace.expert_ids[is_speech, 0].tolist()
+        other_top1 += trace.expert_ids[~is_speech, 0].tolist()
+        entropies += trace.entropy_bits().tolist()
+    n = model.config.n_routed_experts
+    speech_share = np.bincount(speech_top1, minlength=n) / max(1, len(speech_top1))
+    other_share = np.bincount(other_top1, minlength=n) / max(1, len(other_top1))
+    speech_expert = int(speech_share.argmax())
+    return {
+        "speech_tokens": len(speech_top1),
+        "nonspeech_tokens": len(other_top1),
+        "speech_top1_share": speech_share.round(4).tolist(),
+        "nonspeech_top1_share": other_share.round(4).tolist(),
+        "speech_expert": speech_expert,
+        "speech_expert_share_of_nonspeech": float(other_share[speech_expert]),
+        "router_entropy_bits_mean": float(np.mean(entropies)) if entropies else 0.0,
+        "router_entropy_bits_max_possible": float(np.log2(n)),
+    }
+
+
+def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int | None = None,
+             batch_size: int = 16, baseline: bool = True) -> dict[str, Any]:
+    """Every metric on the first ``limit`` clips of ``split`` (all clips when None)."""
+    metas = [m for m in read_manifest(data_dir / "manifest.jsonl") if m["split"] == split][:limit]
+    clip_ids = {m["id"] for m in metas}
+    with open(data_dir / f"records_{split}.jsonl", encoding="utf-8") as handle:
+        records = [r for r in map(json.loads, handle) if r["clip_id"] in clip_ids]
+    by_task = {task: [r for r in records if r["task"] == task] for task in ("asr", "qa", "caption")}
+    started = time.perf_counter()
+    asr_out = generate_all(model, by_task["asr"], data_dir, batch_size, 96)
+    qa_out = generate_all(model, by_task["qa"], data_dir, batch_size, 32)
+    caption_out = generate_all(model, by_task["caption"], data_dir, batch_size, 256)
+    metas_by_id = {m["id"]: m for m in metas}
+    found = total = 0
+    for record, text in zip(by_task["caption"], caption_out, strict=True):
+        facts = caption_facts(metas_by_id[record["clip_id"]])
+        found += sum(fact in text.lower() for fact in facts)
+        total += len(facts)
+    qa_right = [answer_letter(o) == answer_letter(r["target"]) for r, o in zip(by_task["qa"], qa_out, strict=True)]
+    qa_by_kind: dict[str, list[bool]] = {}
+    for record, right in zip(by_task["qa"], qa_right, strict=True):
+        qa_by_kind.setdefault(record.get("question_kind", "?"), []).append(right)
+    report: dict[str, Any] = {
+        "model": model.name,
+        "split": split,
+        "clips": len(metas),
+        "asr_utterances": len(asr_out),
+        "asr_wer": word_error_rate([r["target"] for r in by_task["asr"]], asr_out),
+        "qa_questions": len(qa_out),
+        "qa_accuracy": float(np.mean(qa_right)) if qa_right else 0.0,
+        "qa_accuracy_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(qa_by_kind.items())},
+        "caption_fact_recall": found / max(1, total),
+        "routing": routing_stats(model, metas, data_dir),
+        "generation_seconds": round(time.perf_counter() - started, 1),
+        "examples": [{"task": r["task"], "target": r["target"], "output": o}
+                     for r, o in list(zip(by_task["asr"], asr_out, strict=True))[:3]
+                     + list(zip(by_task["caption"], caption_out, strict=True))[:2]],
+    }
+    if baseline and by_task["asr"]:
+        report["whisper_tiny_en_wer"] = word_error_rate([r["target"] for r in by_task["asr"]],
+                                                        whisper_baseline(by_task["asr"], data_dir))
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    routing = report["routing"]
+    rows = [
+        ("ASR WER", f"{report['asr_wer']:.1%}", "≤ 10 %", f"{report['asr_utterances']} utterances"),
+        ("Whisper tiny.en WER (peer)", f"{report['whisper_tiny_en_wer']:.1%}" if "whisper_tiny_en_wer" in report
+         else "–", "–", "same clips"),
+        ("Multiple-choice accuracy", f"{report['qa_accuracy']:.1%}", "≥ 90 %", f"{report['qa_questions']} questions"),
+        ("Caption fact recall", f"{report['caption_fact_recall']:.1%}", "≥ 80 %", "facts from metadata"),
+        ("Speech expert's share of non-speech top-1", f"{routing['speech_expert_share_of_nonspeech']:.1%}", "< 20 %",
+         f"expert {routing['speech_expert']}"),
+        ("Router entropy (mean)", f"{routing['router_entropy_bits_mean']:.2f} bits", "–",
+         f"max {routing['router_entropy_bits_max_possible']:.0f} bits"),
+    ]
+    lines = [f"Held-out split `{report['split']}`, {report['clips']} clips, model `{report['model']}`.", "",
+             "| metric | value | target | note |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mini")
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, help="only the first N clips of the split")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-baseline", action="store_true", help="skip Whisper tiny.en")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="writes report.json and report.md here")
+    args = parser.parse_args(argv)
+    report = evaluate(load_model(args.model), args.data, args.split, args.limit, args.batch_size, not args.no_baseline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    (args.out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
