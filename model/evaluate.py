@@ -161,6 +161,24 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     return report
 
 
+def export_subset(data_dir: Path, out_dir: Path, split: str = "test", n_clips: int = 12) -> Path:
+    """Copy the first ``n_clips`` of a split (audio, manifest lines, records) into a small bundle for CI floors."""
+    import shutil
+
+    metas = [m for m in read_manifest(data_dir / "manifest.jsonl") if m["split"] == split][:n_clips]
+    keep = {m["id"] for m in metas}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "manifest.jsonl", "w", encoding="utf-8") as handle:
+        for meta in metas:
+            (out_dir / meta["audio"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data_dir / meta["audio"], out_dir / meta["audio"])
+            handle.write(json.dumps(meta) + "\n")
+    with open(data_dir / f"records_{split}.jsonl", encoding="utf-8") as source, \
+            open(out_dir / f"records_{split}.jsonl", "w", encoding="utf-8") as target:
+        target.writelines(line for line in source if json.loads(line)["clip_id"] in keep)
+    return out_dir
+
+
 def markdown(report: dict[str, Any]) -> str:
     routing = report["routing"]
     rows = [
@@ -189,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-baseline", action="store_true", help="skip Whisper tiny.en")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="writes report.json and report.md here")
+    parser.add_argument("--export-subset", type=int, metavar="N",
+                        help="instead of evaluating, copy the first N clips of the split to --out")
     args = parser.parse_args(argv)
+    if args.export_subset:
+        print(export_subset(args.data, args.out, args.split, args.export_subset))
+        return 0
     report = evaluate(load_model(args.model), args.data, args.split, args.limit, args.batch_size, not args.no_baseline)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,84 @@
+"""The training script: the loss goes down, and a run resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import tiny_random_config
+from model.data.synth import espeak_available, generate_dataset
+from model.data.tasks import to_chat_records
+from model.loading import build_model
+from model.prompts import SpecialTokenIds
+from model.train import (
+    cache_encoder_outputs,
+    corpus_text,
+    main,
+    make_example,
+    record_audio,
+    step_loss,
+    train_tokenizer,
+)
+
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (scripts/setup.sh does)")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    import numpy as np
+
+    from model.data.synth import read_manifest
+
+    out = tmp_path_factory.mktemp("synth")
+    manifest = generate_dataset(out, 6, 1, 1, seed=3, workers=1)
+    for split in ("train", "val", "test"):
+        with open(out / f"records_{split}.jsonl", "w") as handle:
+            for meta in (m for m in read_manifest(manifest) if m["split"] == split):
+                for record in to_chat_records(meta, meta["audio"], np.random.default_rng(meta["index"])):
+                    handle.write(json.dumps(record) + "\n")
+    return out
+
+
+def test_three_steps_lower_the_loss(dataset: Path) -> None:
+    from model.train import read_records
+
+    torch.manual_seed(0)
+    records = read_records(dataset, "train")
+    tokenizer = train_tokenizer(corpus_text(records), 400)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    model = build_model(tiny_random_config(vocab_size=len(tokenizer)))
+    model.audio_encoder.eval()
+    clips = sorted({a for r in records for a in record_audio(r)})
+    cache = cache_encoder_outputs(model.audio_encoder, dataset, clips, dataset / "cache-tiny.pt")
+    batch = [make_example(r, tokenizer, ids, cache) for r in records[:8]]
+    params = list(model.adapter.parameters()) + list(model.backbone.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    model.train()
+    for _ in range(3):
+        loss, stats = step_loss(model, batch, cache, ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(stats["lm_loss"])
+        assert "aux_loss" in stats
+    assert losses[2] < losses[0]
+
+
+def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, capsys) -> None:
+    from model import load_model
+
+    args = ["--data", str(dataset), "--out", str(tmp_path / "run"), "--pretrain-steps", "2", "--align-steps", "2",
+            "--sft-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400"]
+    assert main([*args, "--export", str(tmp_path / "ckpt")]) == 0
+    log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+    assert [row["stage"] for row in log] == ["pretrain"] * 2 + ["align"] * 2 + ["sft"] * 2
+    model = load_model(tmp_path / "ckpt")
+    assert model.config.n_routed_experts == 8 and model.config.top_k == 2
+    # a finished run resumes at its end: nothing is trained twice
+    assert main(args) == 0
+    assert len(open(tmp_path / "run" / "train_log.jsonl").readlines()) == 6
+    assert "resuming: stage sft step 2" in capsys.readouterr().out
