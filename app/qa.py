@@ -1,0 +1,241 @@
+"""Audio Q&A tab: a multi-turn chat about one or more clips, free or multiple-choice (A–D) questions.
+
+The conversation lives in a per-session ``gr.State`` as plain data (turns of clips, question, answer); the chat
+view and the model's messages are both derived from it. Sampling settings come in with every call as component
+values, so nothing about one user's session can leak into another's.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from model import GenerationSettings
+from model.inference import EurekaAudio
+
+from .common import (
+    AppContext,
+    RunStats,
+    audio_path,
+    count_tokens,
+    gpu,
+    last_item,
+    load_clip,
+    remember_clip,
+    sampling_settings,
+    show_examples,
+    stream_text,
+)
+
+OPTION_LETTERS = ("A", "B", "C", "D")
+MODES = ("Free question", "Multiple choice (A–D)")
+
+Session = dict[str, Any]  # {"turns": [{"clips": [path, …], "question": str, "answer": str | None}]}
+
+
+def new_session() -> Session:
+    return {"turns": []}
+
+
+def format_question(question: str, mode: str = MODES[0], options: list[str] | None = None) -> str:
+    """The question as the model was trained to see it: multiple choice is ``question\\nA. …\\nB. …`` (DataFlux)."""
+    question = (question or "").strip()
+    if mode != MODES[1]:
+        return question
+    filled = [(letter, (text or "").strip()) for letter, text in zip(OPTION_LETTERS, options or [], strict=False)]
+    filled = [(letter, text) for letter, text in filled if text]
+    if len(filled) < 2:
+        raise gr.Error("A multiple-choice question needs at least options A and B.")
+    return question + "".join(f"\n{letter}. {text}" for letter, text in filled)
+
+
+def session_clips(session: Session) -> list[str]:
+    return [clip for turn in session["turns"] for clip in turn["clips"]]
+
+
+def add_turn(session: Session, clips: list[Any], question: str) -> Session:
+    """A new user turn. Clips not yet in the conversation are attached to it; the first turn must have one.
+
+    Each new clip is loaded once here, so a corrupt or silent file is reported before the model starts.
+    """
+    question = (question or "").strip()
+    if not question:
+        raise gr.Error("Type a question first.")
+    known = set(session_clips(session))
+    new_clips = []
+    for clip in clips:
+        path = audio_path(clip)
+        if path and str(path) not in known and str(path) not in new_clips:
+            load_clip(path)
+            new_clips.append(str(path))
+    if not session["turns"] and not new_clips:
+        raise gr.Error("No audio: add a clip (upload or record) before asking about it.")
+    if session["turns"] and session["turns"][-1]["answer"] is None:
+        raise gr.Error("The previous question has no answer yet: wait, press Regenerate, or Clear.")
+    updated = copy.deepcopy(session)
+    updated["turns"].append({"clips": new_clips, "question": question, "answer": None})
+    return updated
+
+
+def conversation_messages(session: Session, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """Official chat messages: each user turn = its clips then the question; previous answers as assistant turns."""
+    messages: list[dict[str, Any]] = []
+    if system_prompt and system_prompt.strip():
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]})
+    for turn in session["turns"]:
+        content = [{"type": "audio_url", "audio_url": {"url": clip}} for clip in turn["clips"]]
+        content.append({"type": "text", "text": turn["question"]})
+        messages.append({"role": "user", "content": content})
+        if turn["answer"] is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
+    return messages
+
+
+def as_text(text: str) -> str:
+    """Escape ``&``, ``<``, ``>``: the Chatbot (``render_markdown=False``) inserts messages as HTML, so escaping is
+    what makes model output and user text appear literally — ``<img onerror=…>`` shows as those characters."""
+    return html.escape(text, quote=False)
+
+
+def chat_history(session: Session) -> list[dict[str, str]]:
+    """The ``gr.Chatbot`` view (messages format): clip names and question, then the answer, all as plain text."""
+    history = []
+    for turn in session["turns"]:
+        names = "".join(f"[clip] {Path(clip).name}\n" for clip in turn["clips"])
+        history.append({"role": "user", "content": as_text(names + turn["question"])})
+        if turn["answer"] is not None:
+            history.append({"role": "assistant", "content": as_text(turn["answer"])})
+    return history
+
+
+def answer_stream(
+    model: EurekaAudio, session: Session, settings: GenerationSettings, system_prompt: str | None = None
+) -> Iterator[Session]:
+    """Answer the last (unanswered) turn, yielding the session as the answer grows."""
+    if not session["turns"] or session["turns"][-1]["answer"] is not None:
+        raise gr.Error("Nothing to answer: ask a question first.")
+    messages = conversation_messages(session, system_prompt)
+    session = copy.deepcopy(session)
+    turn = session["turns"][-1]
+    turn["answer"] = ""
+    for text in stream_text(model, messages, settings):
+        turn["answer"] += text
+        yield session
+    yield session
+
+
+def answer_with_stats(
+    model: EurekaAudio, session: Session, settings: GenerationSettings, system_prompt: str | None = None
+) -> Iterator[tuple[Session, str]]:
+    """``answer_stream`` plus a status line: "answering…" while streaming, then turn number, time to first token
+    and tokens/s — the tab's sign that a run has finished."""
+    started, first_text_s = time.perf_counter(), None
+    updated = session
+    for updated in answer_stream(model, session, settings, system_prompt):
+        if first_text_s is None and updated["turns"][-1]["answer"]:
+            first_text_s = time.perf_counter() - started
+        yield updated, "answering…"
+    answer = updated["turns"][-1]["answer"] or ""
+    stats = RunStats(first_text_s=first_text_s, elapsed_s=time.perf_counter() - started,
+                     tokens=count_tokens(model, answer, settings.max_new_tokens))
+    first = "—" if first_text_s is None else f"{first_text_s:.2f} s"
+    yield updated, (f"turn {len(updated['turns'])} answered · time to first token {first} · {stats.tokens} tokens "
+                    f"in {stats.elapsed_s:.2f} s ({stats.tokens_per_s:.1f} tokens/s)")
+
+
+def drop_last_answer(session: Session) -> Session:
+    """Regenerate: forget the last answer (the question and its clips stay)."""
+    if not session["turns"]:
+        raise gr.Error("Nothing to regenerate yet.")
+    updated = copy.deepcopy(session)
+    updated["turns"][-1]["answer"] = None
+    return updated
+
+
+def ask(model: EurekaAudio, audio: Any, question: str, settings: GenerationSettings) -> str:
+    """One question about one clip, whole answer at once (the ``/qa`` API endpoint)."""
+    session = add_turn(new_session(), [audio], question)
+    return last_item(answer_stream(model, session, settings), session)["turns"][-1]["answer"] or ""
+
+
+def sampling_controls() -> list[gr.components.Component]:
+    """Per-session decoding controls (their values are sent with each call; defaults follow the library)."""
+    return [
+        gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)", elem_id="qa-temperature"),
+        gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Top-p"),
+        gr.Slider(0, 100, value=20, step=1, label="Top-k (0 = off)"),
+        gr.Slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="qa-max-new-tokens"),
+        gr.Slider(1.0, 2.0, value=1.05, step=0.01, label="Repetition penalty"),
+    ]
+
+
+def build_tab(ctx: AppContext, examples: list[list[Any]], example_labels: list[str]) -> dict[str, Any]:
+    """The Q&A tab's components and events; callbacks adapt component values to the functions above."""
+    session = gr.State(new_session())
+    with gr.Row():
+        with gr.Column(scale=2):
+            chatbot = gr.Chatbot(
+                label="Conversation", height=380, render_markdown=False, sanitize_html=True, allow_tags=False,
+                elem_id="qa-chat", buttons=["copy"],
+            )
+            question = gr.Textbox(label="Question", lines=2, placeholder="Ask about the clip…", elem_id="qa-question")
+            mode = gr.Radio(list(MODES), value=MODES[0], label="Question type", elem_id="qa-mode")
+            with gr.Row(visible=False) as option_row:
+                options = [gr.Textbox(label=f"Option {letter}", lines=1, min_width=80) for letter in OPTION_LETTERS]
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="qa-send")
+                stop = gr.Button("Stop", variant="stop", elem_id="qa-stop")
+                regenerate = gr.Button("Regenerate", elem_id="qa-regenerate")
+                clear = gr.Button("Clear", elem_id="qa-clear")
+            status = gr.Textbox(label="Run statistics", lines=1, interactive=False, elem_id="qa-stats")
+        with gr.Column(scale=1):
+            clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Clip", elem_id="qa-audio")
+            more_clips = gr.File(file_count="multiple", file_types=["audio"], label="More clips (optional)",
+                                 type="filepath")
+            with gr.Accordion("Sampling (this session only)", open=False):
+                controls = sampling_controls()
+            system_prompt = gr.Textbox(label="System prompt (empty = none, as in the official Q&A recipe)", lines=2)
+    show_examples(examples, [clip, question], example_labels, "Example clips and questions")
+
+    def start_turn(state: Session, clip_value: Any, files: list[Any] | None, text: str, mode_value: str,
+                   *option_values: str) -> tuple[Session, list[dict[str, str]], str]:
+        full_question = format_question(text, mode_value, list(option_values))
+        state = add_turn(state, [clip_value, *(files or [])], full_question)
+        return state, chat_history(state), ""
+
+    @gpu(ctx.gpu_seconds)
+    def run_answer(state: Session, prompt: str, *control_values: float) -> Iterator[tuple[Session, list, str]]:
+        settings = sampling_settings(*control_values)
+        for updated, status_line in answer_with_stats(ctx.model, state, settings, prompt):
+            yield updated, chat_history(updated), status_line
+
+    def regenerate_turn(state: Session) -> tuple[Session, list[dict[str, str]]]:
+        state = drop_last_answer(state)
+        return state, chat_history(state)
+
+    def clear_chat() -> tuple[Session, list, str, str]:
+        return new_session(), [], "", ""
+
+    private = {"api_visibility": "private"}
+    mode.change(lambda m: gr.Row(visible=m == MODES[1]), mode, option_row, queue=False, **private)
+    clip.change(remember_clip, [clip, ctx.last_clip], ctx.last_clip, queue=False, **private)
+    answer_inputs = [session, system_prompt, *controls]
+    asked = send.click(start_turn, [session, clip, more_clips, question, mode, *options], [session, chatbot, question],
+                       **private)
+    submitted = question.submit(start_turn, [session, clip, more_clips, question, mode, *options],
+                                [session, chatbot, question], **private)
+    answers = [
+        trigger.success(run_answer, answer_inputs, [session, chatbot, status], **ctx.model_event(**private))
+        for trigger in (asked, submitted)
+    ]
+    redo = regenerate.click(regenerate_turn, session, [session, chatbot], **private)
+    answers.append(redo.success(run_answer, answer_inputs, [session, chatbot, status], **ctx.model_event(**private)))
+    stop.click(None, cancels=answers, **private)
+    clear.click(clear_chat, None, [session, chatbot, question, status], cancels=answers, queue=False, **private)
+    return {"chatbot": chatbot, "question": question, "clip": clip, "session": session, "controls": controls}
