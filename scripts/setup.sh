@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(espeak-ng sox libsndfile1 chromium chromium-driver)
+DEBIAN_PACKAGES=(espeak-ng sox libsndfile1 chromium chromium-driver postgresql)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
