@@ -3,6 +3,10 @@
 Model: ``--model`` / ``$EUREKA_MODEL`` (a Hub id, a local directory, ``mini``, ``official``, ``tiny-random``).
 Without either, the official checkpoint is used when cached or downloadable, otherwise the offline default with a
 banner saying so. Host and port follow ``--host``/``--port``, else ``$GRADIO_SERVER_NAME``/``$GRADIO_SERVER_PORT``.
+
+The Review tab reads the DataFlux database ``--db`` / ``$DATAFLUX_DB`` (default ``runs/dataflux.sqlite``). When
+reviewers are configured (``$DATAFLUX_REVIEWERS="alice:pw,bob:pw"`` or ``$DATAFLUX_REVIEWERS_FILE``) the app asks
+for a login and review decisions are logged under that name; without reviewers the Review tab is read-only.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=None, help="waiting jobs before 'queue full' "
                         "(default: $EUREKA_MAX_QUEUE or 32)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--db", default=None, help="DataFlux database for the Review tab: SQLite path or SQLAlchemy "
+                        "URL (default: $DATAFLUX_DB or runs/dataflux.sqlite)")
     return parser.parse_args(argv)
 
 
@@ -41,17 +47,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.common import load_app_model
+    from app.review import ReviewConfig, auth_options
     from app.ui import build_demo, launch_options
     from model import ModelLoadError
 
+    try:
+        review_config = ReviewConfig.from_env(args.db)
+    except (OSError, ValueError) as exc:  # a malformed $DATAFLUX_REVIEWERS or an unreadable reviewers file
+        print(f"error: reviewers: {exc}", file=sys.stderr)
+        return 2
     try:
         loaded = load_app_model(args.model, args.device, args.dtype)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("eureka.app").info("serving %s (%s)", loaded.choice.label, loaded.info)
-    demo = build_demo(loaded, concurrency_limit=args.concurrency, max_queue_size=args.max_queue)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share or None, **launch_options())
+    demo = build_demo(loaded, concurrency_limit=args.concurrency, max_queue_size=args.max_queue,
+                      review_config=review_config)
+    logging.getLogger("eureka.app").info("DataFlux database %s; %s", review_config.db_url,
+                                         "read-only (no reviewers)" if review_config.read_only else
+                                         f"{len(review_config.reviewers.users)} reviewers, login required")
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share or None, **launch_options(),
+                **auth_options(review_config))
     return 0
 
 

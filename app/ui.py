@@ -13,7 +13,7 @@ import gradio as gr
 
 from model import GenerationSettings
 
-from . import asr, caption, qa, routing
+from . import asr, caption, qa, review, routing
 from .common import AppContext, LoadedModel, env_int, gpu, header_markdown, sampling_settings
 from .examples import EXAMPLES_DIR, tab_examples
 
@@ -25,8 +25,9 @@ CSS = """
 
 
 def launch_options() -> dict[str, Any]:
-    """Theme, CSS and the example folder: in Gradio 6 these are ``launch()`` arguments, not ``Blocks()`` ones."""
-    return {"theme": gr.themes.Soft(), "css": CSS, "allowed_paths": [str(EXAMPLES_DIR)]}
+    """Theme, CSS, the Review tab's keyboard shortcuts and the example folder: in Gradio 6 these are ``launch()``
+    arguments, not ``Blocks()`` ones."""
+    return {"theme": gr.themes.Soft(), "css": CSS, "head": review.SHORTCUTS_HEAD, "allowed_paths": [str(EXAMPLES_DIR)]}
 
 
 def build_api(ctx: AppContext) -> None:
@@ -85,10 +86,13 @@ def build_api(ctx: AppContext) -> None:
 
 
 def build_demo(
-    loaded: LoadedModel, concurrency_limit: int | None = None, max_queue_size: int | None = None
+    loaded: LoadedModel, concurrency_limit: int | None = None, max_queue_size: int | None = None,
+    review_config: review.ReviewConfig | None = None,
 ) -> gr.Blocks:
     """The whole app. ``concurrency_limit``/``max_queue_size`` default to ``$EUREKA_CONCURRENCY`` (1) and
-    ``$EUREKA_MAX_QUEUE`` (32)."""
+    ``$EUREKA_MAX_QUEUE`` (32); ``review_config`` (the DataFlux database and reviewers) to
+    ``ReviewConfig.from_env()``. The database opens when the Review tab is first shown, not here."""
+    review_config = review_config or review.ReviewConfig.from_env()
     concurrency_limit = concurrency_limit or max(1, env_int("EUREKA_CONCURRENCY", 1))
     max_queue_size = max_queue_size or max(1, env_int("EUREKA_MAX_QUEUE", 32))
     ctx = AppContext(loaded=loaded, concurrency_limit=concurrency_limit,
@@ -107,10 +111,14 @@ def build_demo(
                 caption.build_tab(ctx, *tab_examples("caption"))
             with gr.Tab("MoE routing", id="routing", elem_id="tab-routing") as routing_tab:
                 routing_parts = routing.build_tab(ctx, *tab_examples("routing"))
+            with gr.Tab("Review (DataFlux)", id="review", elem_id="tab-review") as review_tab:
+                review_parts = review.build_tab(ctx, review_config)
         # Opening the routing tab with clip A empty fills it with the clip used last, so "why did it say that?"
         # is one click away.
         routing_tab.select(lambda current, last: current or last, [routing_parts["audio_a"], ctx.last_clip],
                            routing_parts["audio_a"], queue=False, api_visibility="private")
+        # The review queue is read when the tab is shown (fresh each time: other reviewers keep working).
+        review_tab.select(*review_parts["on_open"], api_visibility="private")
         build_api(ctx)
     demo.queue(max_size=max_queue_size, default_concurrency_limit=concurrency_limit)
     return demo

@@ -44,6 +44,7 @@ class TrainConfig:
     pretrain_steps: int = 300
     align_steps: int = 300
     sft_steps: int = 1500
+    asr_weight: int = 2
     save_every: int = 200
 
 
@@ -206,7 +207,7 @@ def run_stage(name: str, model, params, batches, total: int, cache: dict, ids: S
             save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()})
     log.close()
     model.eval()
-    save_state(out, model, {"stage": name, "step": total, "done": True})
+    save_state(out, model, {"stage": name, "step": total})
 
 
 STAGES = ("pretrain", "align", "sft")
@@ -275,13 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     audio_examples = [make_example(r, tokenizer, ids, cache) for r in records]
     text_examples = [text_example(t, tokenizer, ids) for t in sorted(set(corpus_text(records)))]
 
-    done = STAGES.index(state["stage"]) + (1 if state.get("done") else 0) if state else 0
+    # ASR is the hardest task for a model this small: it gets `asr_weight` times its share of SFT batches.
+    asr_examples = [e for e, r in zip(audio_examples, records, strict=True) if r["task"] == "asr"]
     plan = [
         ("pretrain", list(model.backbone.parameters()), text_examples, cfg.pretrain_steps),
         ("align", list(model.adapter.parameters()),
          [e for e, r in zip(audio_examples, records, strict=True) if r["task"] in ("asr", "caption")], cfg.align_steps),
-        ("sft", list(model.adapter.parameters()) + list(model.backbone.parameters()), audio_examples, cfg.sft_steps),
+        ("sft", list(model.adapter.parameters()) + list(model.backbone.parameters()),
+         audio_examples + asr_examples * (cfg.asr_weight - 1), cfg.sft_steps),
     ]
+    # A stage is finished when its saved step reached the steps asked for now, so a run can also be extended.
+    done = 0
+    if state:
+        done = STAGES.index(state["stage"]) + (state["step"] >= plan[STAGES.index(state["stage"])][3])
     for index, (name, params, examples, steps) in enumerate(plan):
         if index < done:
             continue
