@@ -51,6 +51,26 @@ def answer_letter(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def question_options(question: str) -> dict[str, str]:
+    """{"A": option text, …} from a question laid out as "Q\nA. …\nB. …"."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^([A-D])\. (.*)$", question, flags=re.MULTILINE)}
+
+
+def chosen_option(question: str, output: str) -> str | None:
+    """The option an answer picks: by its text when it quotes an option (as MMAU-style graders match choice strings),
+    else by its leading letter."""
+    letter = answer_letter(output)
+    body = re.sub(r"^\s*\(?[A-D][.)\s:]\s*", "", output).strip().lower()
+    matches = [key for key, text in question_options(question).items() if body and text.lower() == body]
+    return matches[0] if len(matches) == 1 else letter
+
+
+def question_text(record: dict[str, Any]) -> str:
+    """The last text item of the record's last user turn."""
+    items = record["messages"][-1]["content"]
+    return next(i["text"] for i in reversed(items) if i.get("type") == "text")
+
+
 def in_batches(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -135,7 +155,8 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
         facts = caption_facts(metas_by_id[record["clip_id"]])
         found += sum(fact in text.lower() for fact in facts)
         total += len(facts)
-    qa_right = [answer_letter(o) == answer_letter(r["target"]) for r, o in zip(by_task["qa"], qa_out, strict=True)]
+    qa_right = [chosen_option(question_text(r), o) == answer_letter(r["target"])
+                for r, o in zip(by_task["qa"], qa_out, strict=True)]
     qa_by_kind: dict[str, list[bool]] = {}
     for record, right in zip(by_task["qa"], qa_right, strict=True):
         qa_by_kind.setdefault(record.get("question_kind", "?"), []).append(right)
