@@ -34,6 +34,7 @@ from .common import (
     remember_clip,
     show_examples,
     stream_text,
+    user_text,
 )
 
 CHUNK_SECONDS = 30.0
@@ -88,6 +89,7 @@ def transcribe_stream(
 
     ``system_prompt`` None → the official ASR prompt; edit it to pin a language (see ``asr_system_prompt``).
     """
+    system_prompt = user_text(system_prompt, "system prompt")
     samples = load_clip(audio, max_seconds=max_seconds, allow_silence=False)
     settings = settings or GenerationSettings()
     system_prompt = system_prompt if system_prompt and system_prompt.strip() else asr_system_prompt()

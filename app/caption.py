@@ -34,6 +34,7 @@ from .common import (
     remember_clip,
     show_examples,
     stream_text,
+    user_text,
 )
 
 WINDOW_SECONDS = 10.0
@@ -63,6 +64,7 @@ def caption_stream(
     model: EurekaAudio, audio: Any, prompt: str | None = None, settings: GenerationSettings | None = None
 ) -> Iterator[tuple[str, RunStats]]:
     """Yield the growing caption of the whole clip, with run statistics (complete on the last yield)."""
+    prompt = user_text(prompt, "caption prompt")
     samples = load_clip(audio)
     settings = settings or GenerationSettings()
     stats = RunStats(audio_s=len(samples) / SAMPLE_RATE, chunks=1)
@@ -86,6 +88,7 @@ def caption_windows_stream(
     window_s: float = WINDOW_SECONDS,
 ) -> Iterator[tuple[list[WindowCaption], RunStats]]:
     """Caption each window in turn, yielding all windows (later ones still empty) after every streamed piece."""
+    prompt = user_text(prompt, "caption prompt")
     samples = load_clip(audio)
     settings = settings or GenerationSettings()
     windows = plan_windows(len(samples) / SAMPLE_RATE, window_s)

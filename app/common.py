@@ -34,6 +34,11 @@ T = TypeVar("T")
 # Audio whose peak stays below this (−60 dBFS) holds nothing to transcribe or describe.
 SILENCE_PEAK = 10 ** (-60 / 20)
 DEFAULT_MAX_SECONDS = 600.0
+# User text (question, system or caption prompt) longer than this is refused: a real question is a few hundred
+# characters, and a 100 000-character one would make a prompt whose attention alone exhausts a CPU server's memory.
+MAX_TEXT_CHARS = 4000
+# Default upload cap in MB (``$EUREKA_MAX_UPLOAD_MB``): 10 min of 48 kHz stereo 24-bit WAV is 173 MB.
+MAX_UPLOAD_MB = 200
 
 
 # --- model choice -------------------------------------------------------------------------------------------------
@@ -190,6 +195,23 @@ def sampling_settings(
         repetition_penalty=repetition_penalty,
         seed=None if seed in (None, "") else int(seed),
     )
+
+
+# --- user input limits ---------------------------------------------------------------------------------------------
+def user_text(text: Any, what: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """User-typed text, bounded and made encodable: over ``limit`` characters is a ``gr.Error`` saying so, and lone
+    surrogates (valid in JSON, so any API client can send them) become U+FFFD instead of crashing the tokenizer."""
+    text = "" if text is None else str(text)
+    if len(text) > limit:
+        raise gr.Error(f"The {what} is {len(text):,} characters long; the limit is {limit:,}. Shorten it.")
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def max_upload_size() -> str:
+    """Gradio's ``launch(max_file_size=…)``: ``$EUREKA_MAX_UPLOAD_MB`` (default 200) megabytes. Gradio refuses a
+    bigger upload while it streams in (HTTP 413 "File size exceeded maximum allowed size"), before it reaches disk
+    or the model; the browser checks the same limit before sending."""
+    return f"{max(1, env_int('EUREKA_MAX_UPLOAD_MB', MAX_UPLOAD_MB))}mb"
 
 
 # --- audio ---------------------------------------------------------------------------------------------------------

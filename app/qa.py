@@ -17,9 +17,12 @@ from typing import Any
 import gradio as gr
 
 from model import GenerationSettings
+from model.audio import SAMPLE_RATE
 from model.inference import EurekaAudio
 
 from .common import (
+    DEFAULT_MAX_SECONDS,
+    MAX_TEXT_CHARS,
     AppContext,
     RunStats,
     audio_path,
@@ -31,12 +34,19 @@ from .common import (
     sampling_settings,
     show_examples,
     stream_text,
+    user_text,
 )
 
 OPTION_LETTERS = ("A", "B", "C", "D")
 MODES = ("Free question", "Multiple choice (A–D)")
 
-Session = dict[str, Any]  # {"turns": [{"clips": [path, …], "question": str, "answer": str | None}]}
+# {"turns": [{"clips": [path, …], "question": str, "answer": str | None, "seconds": audio of the turn's clips}]}
+Session = dict[str, Any]
+
+# A conversation is one prompt: every turn's text and every clip's audio tokens are fed again with each question.
+# Each question is capped (MAX_TEXT_CHARS), and so is the whole: its text, and its clips' audio together.
+MAX_CONVERSATION_CHARS = 4 * MAX_TEXT_CHARS
+MAX_CONVERSATION_SECONDS = DEFAULT_MAX_SECONDS
 
 
 def new_session() -> Session:
@@ -62,30 +72,40 @@ def session_clips(session: Session) -> list[str]:
 def add_turn(session: Session, clips: list[Any], question: str) -> Session:
     """A new user turn. Clips not yet in the conversation are attached to it; the first turn must have one.
 
-    Each new clip is loaded once here, so a corrupt or silent file is reported before the model starts.
+    Each new clip is loaded once here, so a corrupt or silent file is reported before the model starts; questions,
+    the conversation's text and its audio are bounded (a clear "press Clear" beats a server out of memory).
     """
-    question = (question or "").strip()
+    question = user_text(question, "question").strip()
     if not question:
         raise gr.Error("Type a question first.")
+    text_chars = len(question) + sum(len(t["question"]) + len(t["answer"] or "") for t in session["turns"])
+    if text_chars > MAX_CONVERSATION_CHARS:
+        raise gr.Error(f"The conversation is too long ({text_chars:,} characters with this question; the limit is "
+                       f"{MAX_CONVERSATION_CHARS:,}). Press Clear to start a new one.")
     known = set(session_clips(session))
-    new_clips = []
+    new_clips, new_seconds = [], 0.0
     for clip in clips:
         path = audio_path(clip)
         if path and str(path) not in known and str(path) not in new_clips:
-            load_clip(path)
+            new_seconds += len(load_clip(path)) / SAMPLE_RATE
             new_clips.append(str(path))
+    seconds = new_seconds + sum(turn.get("seconds", 0.0) for turn in session["turns"])
+    if seconds > MAX_CONVERSATION_SECONDS:
+        raise gr.Error(f"The conversation's clips add up to {seconds:.0f} s of audio; the limit is "
+                       f"{MAX_CONVERSATION_SECONDS:.0f} s. Press Clear to start a new one, or use shorter clips.")
     if not session["turns"] and not new_clips:
         raise gr.Error("No audio: add a clip (upload or record) before asking about it.")
     if session["turns"] and session["turns"][-1]["answer"] is None:
         raise gr.Error("The previous question has no answer yet: wait, press Regenerate, or Clear.")
     updated = copy.deepcopy(session)
-    updated["turns"].append({"clips": new_clips, "question": question, "answer": None})
+    updated["turns"].append({"clips": new_clips, "question": question, "answer": None, "seconds": new_seconds})
     return updated
 
 
 def conversation_messages(session: Session, system_prompt: str | None = None) -> list[dict[str, Any]]:
     """Official chat messages: each user turn = its clips then the question; previous answers as assistant turns."""
     messages: list[dict[str, Any]] = []
+    system_prompt = user_text(system_prompt, "system prompt")
     if system_prompt and system_prompt.strip():
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]})
     for turn in session["turns"]:

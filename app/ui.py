@@ -14,7 +14,7 @@ import gradio as gr
 from model import GenerationSettings
 
 from . import asr, caption, qa, review, routing
-from .common import AppContext, LoadedModel, env_int, gpu, header_markdown, sampling_settings
+from .common import AppContext, LoadedModel, env_int, gpu, header_markdown, max_upload_size, sampling_settings
 from .examples import EXAMPLES_DIR, tab_examples
 
 CSS = """
@@ -27,7 +27,8 @@ CSS = """
 def launch_options() -> dict[str, Any]:
     """Theme, CSS, the Review tab's keyboard shortcuts and the example folder: in Gradio 6 these are ``launch()``
     arguments, not ``Blocks()`` ones."""
-    return {"theme": gr.themes.Soft(), "css": CSS, "head": review.SHORTCUTS_HEAD, "allowed_paths": [str(EXAMPLES_DIR)]}
+    return {"theme": gr.themes.Soft(), "css": CSS, "head": review.SHORTCUTS_HEAD, "allowed_paths": [str(EXAMPLES_DIR)],
+            "max_file_size": max_upload_size()}
 
 
 def build_api(ctx: AppContext) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from .pipeline import AUDIO_EXTENSIONS
@@ -90,7 +91,11 @@ def import_zip(archive: str | os.PathLike, destination: str | os.PathLike, max_b
                max_files: int = MAX_FILES) -> list[Path]:
     """Extract the audio files of a zip; traversal, absolute names or escaping symlinks refuse the import."""
     destination = Path(destination)
-    with zipfile.ZipFile(archive) as zf:
+    try:
+        archive_file = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ImportRefused(f"refused {Path(archive).name}: not a readable zip archive ({exc})") from None
+    with archive_file as zf:
         plan: list[tuple[zipfile.ZipInfo, Path]] = []
         for info in zf.infolist():
             relative = safe_relative(info.filename)
@@ -103,23 +108,35 @@ def import_zip(archive: str | os.PathLike, destination: str | os.PathLike, max_b
             if not info.is_dir() and relative.suffix.lower() in AUDIO_EXTENSIONS:
                 plan.append((info, _target(destination, relative)))
         _check_size(len(plan), sum(i.file_size for i, _ in plan), max_files, max_bytes)
-        for info, dst in plan:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            _extract_capped(zf, info, dst, max_bytes)
+        written: list[Path] = []
+        try:
+            for info, dst in plan:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                written.append(dst)
+                _extract_capped(zf, info, dst, max_bytes)
+        except ImportRefused:
+            for path in written:  # a refused archive leaves nothing half-imported behind
+                path.unlink(missing_ok=True)
+            raise
     return [dst for _, dst in plan]
 
 
 def _extract_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst: Path, max_bytes: int) -> None:
     """Stream one entry, stopping if it inflates past its declared size (a lying header)."""
     written = 0
-    with zf.open(info) as src, open(dst, "wb") as out:
-        while chunk := src.read(1 << 20):
-            written += len(chunk)
-            if written > max(info.file_size, 0) or written > max_bytes:
-                out.close()
-                dst.unlink(missing_ok=True)
-                raise ImportRefused(f"refused {info.filename!r}: inflates beyond its declared size")
-            out.write(chunk)
+    try:
+        with zf.open(info) as src, open(dst, "wb") as out:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > max(info.file_size, 0) or written > max_bytes:
+                    raise ImportRefused(f"refused {info.filename!r}: inflates beyond its declared size")
+                out.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        dst.unlink(missing_ok=True)
+        raise ImportRefused(f"refused {info.filename!r}: the archive is corrupt ({exc})") from None
+    except ImportRefused:
+        dst.unlink(missing_ok=True)
+        raise
 
 
 def import_path(source: str | os.PathLike, destination: str | os.PathLike, **limits: int) -> list[Path]:

@@ -15,6 +15,7 @@ Ray Data) call the same step functions.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -161,6 +162,23 @@ def manifest_metadata(audio_dir: str | os.PathLike) -> dict[str, dict[str, Any]]
     return {}
 
 
+log = logging.getLogger(__name__)
+MAX_CLIP_SECONDS = 600.0
+
+
+def _usable_clip(path: Path) -> bool:
+    """Undecodable or over-long files are skipped with a warning: one bad file must not stop a whole run."""
+    try:
+        duration = clip_duration(path)
+    except Exception as exc:  # libsndfile raises several types for unreadable files
+        log.warning("skipping %s: not decodable audio (%s)", path.name, exc)
+        return False
+    if not 0 < duration <= MAX_CLIP_SECONDS:
+        log.warning("skipping %s: %.1f s long (allowed: up to %.0f s)", path.name, duration, MAX_CLIP_SECONDS)
+        return False
+    return True
+
+
 def clip_duration(path: Path) -> float:
     import soundfile as sf
 
@@ -170,7 +188,8 @@ def clip_duration(path: Path) -> float:
 def ingest(store: Store, audio_dir: str | os.PathLike, run_id: int | None = None,
            limit: int | None = None) -> list[int]:
     """Register the folder's clips (new ones only) and return the ids of the first ``limit`` clips, in order."""
-    files = audio_files(audio_dir)[:limit] if limit else audio_files(audio_dir)
+    files = [path for path in audio_files(audio_dir) if _usable_clip(path)]
+    files = files[:limit] if limit else files
     metas = manifest_metadata(audio_dir)
     ids = []
     for path in files:

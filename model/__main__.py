@@ -9,6 +9,7 @@ import sys
 from .audio import AudioInputError
 from .loading import ModelLoadError, default_source, load_model
 from .prompts import TASKS, asr_system_prompt, task_messages
+from .tokenizer import encode_plain_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +38,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def clean_text(text: str | None) -> str | None:
+    """Command-line text as valid UTF-8: bytes that are not UTF-8 reach ``sys.argv`` as lone surrogates, which the
+    tokenizer cannot encode; they become U+FFFD."""
+    return None if text is None else text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def check_text_fits(model, texts: list[str | None], max_new_tokens: int) -> None:
+    """Refuse question and system prompt that leave no room in the model's context (a 100 000-character question
+    on the byte-level test tokenizer is 100 000 tokens: generating from it would exhaust memory, not answer)."""
+    context = int(model.config.backbone.get("max_position_embeddings") or 0)
+    used = sum(len(encode_plain_text(model.tokenizer, text)) for text in texts if text)
+    if context and used + max_new_tokens > context:
+        raise ValueError(f"the question and system prompt are {used} tokens; with --max-new-tokens "
+                         f"{max_new_tokens} that exceeds the model's context of {context} tokens. Shorten them.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.question, args.system_prompt, args.language = (
+        clean_text(args.question), clean_text(args.system_prompt), clean_text(args.language))
     system_prompt = args.system_prompt
     if system_prompt is None and args.task == "asr" and args.language:
         system_prompt = asr_system_prompt(args.language)
@@ -54,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model or default_source(), device=args.device, dtype=args.dtype)
         if args.max_audio_seconds:
             model.config.max_audio_seconds = args.max_audio_seconds
+        check_text_fits(model, [args.question, system_prompt], args.max_new_tokens)
         messages = task_messages(args.task, args.audio, args.question, system_prompt)
         if args.stream:
             for piece in model.stream(messages, **settings):

@@ -31,6 +31,10 @@ CHUNK_FRAMES = 3000  # Whisper's 30 s window
 MEL_PAD_VALUE = -1.5  # what digital silence maps to after (x + 4) / 4 with the max − 8 clamp
 DEFAULT_MAX_SECONDS = 600.0
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
+# Float samples beyond ±1000 (60 dB over full scale) are not audio scaled to ±1: usually integer PCM stored as
+# floats. Far beyond it (≈1e16) the mel power overflows float32 and sampling crashes on NaN probabilities.
+MAX_ABS_SAMPLE = 1000.0
+READ_BLOCK_SAMPLES = 1 << 20  # decode in blocks of about this many samples (all channels), mixing down as we go
 
 AudioSource = str | os.PathLike | bytes | np.ndarray | tuple | dict
 
@@ -72,21 +76,47 @@ def _check_duration(n_frames: int, sample_rate: int, max_seconds: float) -> None
         )
 
 
+def _check_rate(rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioInputError(f"Unsupported sample rate {rate} Hz (expected {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE}).")
+
+
 def _read_encoded(data: io.BytesIO | str, name: str, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Decode a file or byte stream with libsndfile, checking the header's duration before reading samples."""
+    """Decode a file or byte stream with libsndfile, mixed down to mono block by block.
+
+    Rate and duration are checked from the header before any sample is read, and decoding stops as soon as more
+    samples than the header promised arrive, so a hostile header (1 h, 1024 channels, 1 GHz) costs no memory:
+    only one block of all channels and the mono result are ever held.
+    """
     try:
-        info = sf.info(data)
-        if hasattr(data, "seek"):
-            data.seek(0)
-        _check_duration(info.frames, info.samplerate, max_seconds)
-        samples, sample_rate = sf.read(data, dtype="float32", always_2d=True)
+        with sf.SoundFile(data) as handle:
+            rate, channels = int(handle.samplerate), max(1, int(handle.channels))
+            _check_rate(rate)
+            _check_duration(handle.frames, rate, max_seconds)
+            limit, block_frames = int(max_seconds * rate), max(1, READ_BLOCK_SAMPLES // channels)
+            pieces, total = [], 0
+            while True:
+                # read() returns only the frames actually decoded; SoundFile.blocks() would pad a short read with
+                # uninitialised memory when the header over-states the length (found by tests/test_fuzz.py)
+                block = handle.read(block_frames, dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf stay NaN/inf and are refused later
+                    pieces.append(block[:, 0].copy() if channels == 1 else block.mean(axis=1, dtype=np.float32))
+                total += len(block)
+                if total > limit:
+                    _check_duration(total, rate, max_seconds)
+                if len(block) < block_frames:
+                    break
     except AudioInputError:
         raise
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OverflowError, MemoryError) as exc:
+        reason = getattr(exc, "error_string", None) or str(exc)  # libsndfile's words, without "Error opening <path>"
         raise AudioInputError(
-            f"Could not decode {name} as audio (supported: WAV, FLAC, OGG/Vorbis/Opus, MP3): {exc}"
+            f"Could not decode {name} as audio (supported: WAV, FLAC, OGG/Vorbis/Opus, MP3): {reason}"
         ) from None
-    return samples, int(sample_rate)
+    samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return samples, rate
 
 
 def _array_and_rate(source: tuple | dict) -> tuple[np.ndarray, int]:
@@ -101,7 +131,19 @@ def _array_and_rate(source: tuple | dict) -> tuple[np.ndarray, int]:
         array, rate = (second, first) if isinstance(first, (int, np.integer)) else (first, second)
     if array is None or rate is None:
         raise AudioInputError("Audio arrays need both the samples and the sample rate.")
-    return np.asarray(array), int(rate)
+    try:
+        rate = int(rate)
+    except (TypeError, ValueError, OverflowError):
+        raise AudioInputError(f"The sample rate must be a whole number of Hz, got {str(rate)[:40]!r}.") from None
+    return _as_array(array), rate
+
+
+def _as_array(array: object) -> np.ndarray:
+    """``np.asarray`` that reports ragged or exotic input as an AudioInputError instead of numpy's ValueError."""
+    try:
+        return np.asarray(array)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise AudioInputError(f"Audio samples must be a rectangular array of numbers: {exc}") from None
 
 
 def _to_float(array: np.ndarray) -> np.ndarray:
@@ -112,7 +154,8 @@ def _to_float(array: np.ndarray) -> np.ndarray:
         half = float(2 ** (8 * array.dtype.itemsize - 1))
         return ((array.astype(np.float64) - half) / half).astype(np.float32)
     if array.dtype.kind == "f":
-        return array.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused by the caller
+            return array.astype(np.float32, copy=False)
     raise AudioInputError(f"Audio samples must be numbers, got dtype {array.dtype}.")
 
 
@@ -122,6 +165,8 @@ def _to_mono(array: np.ndarray) -> np.ndarray:
         return array
     if array.ndim != 2:
         raise AudioInputError(f"Audio must be 1-D or 2-D (frames × channels), got shape {array.shape}.")
+    if array.size == 0:  # (0, channels) or (channels, 0): empty, not a mean of nothing (NaN)
+        return np.zeros(0, dtype=np.float32)
     if array.shape[0] <= 8 < array.shape[1]:
         array = array.T
     return array.mean(axis=1, dtype=np.float32)
@@ -150,9 +195,13 @@ def load_audio(source: AudioSource, max_seconds: float = DEFAULT_MAX_SECONDS) ->
         raise AudioInputError("Audio URLs are not fetched (no network access); download the file and pass its path.")
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            raise AudioInputError(f"Audio file not found: {path}")
-        if path.stat().st_size == 0:
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except (OSError, ValueError):  # a name too long for the OS, a NUL byte, no permission
+            size = None
+        if size is None:
+            raise AudioInputError(f"Audio file not found: {str(path)[:200]}")
+        if size == 0:
             raise AudioInputError(f"The audio file is empty (0 bytes): {path.name}")
         samples, rate = _read_encoded(str(path), path.name, max_seconds)
     elif isinstance(source, np.ndarray):
@@ -162,13 +211,21 @@ def load_audio(source: AudioSource, max_seconds: float = DEFAULT_MAX_SECONDS) ->
     else:
         raise AudioInputError(f"Unsupported audio input of type {type(source).__name__}.")
 
-    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise AudioInputError(f"Unsupported sample rate {rate} Hz (expected {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE}).")
+    _check_rate(rate)
     samples = _to_mono(_to_float(np.asarray(samples)))
     _check_duration(len(samples), rate, max_seconds)
     if not np.isfinite(samples).all():
         raise AudioInputError("The audio contains NaN or infinite samples.")
-    return np.ascontiguousarray(_resample(samples, rate), dtype=np.float32)
+    peak = float(np.abs(samples).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioInputError(
+            f"The samples reach {peak:.3g}, far outside the ±1 range of audio: scale float audio to ±1 "
+            "(integer PCM is scaled automatically)."
+        )
+    resampled = _resample(samples, rate)
+    if resampled.size == 0:  # a sample or two above 16 kHz resamples to nothing: keep one, never return empty
+        resampled = samples[:1]
+    return np.ascontiguousarray(resampled, dtype=np.float32)
 
 
 @lru_cache(maxsize=4)

@@ -6,6 +6,8 @@ vocabulary, yet has the official special-token names and chat layout.
 
 from __future__ import annotations
 
+import re
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast
@@ -40,5 +42,15 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def encode_plain_text(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` with special-token strings treated as ordinary characters."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    """Token ids of ``text`` with special-token strings treated as ordinary characters.
+
+    ``<think>`` tags are added (not special) tokens in Qwen3 tokenizers, so ``split_special_tokens`` leaves them
+    alone: they are encoded in two pieces instead. Lone surrogates (which cannot be UTF-8) become ``?``.
+    """
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    ids: list[int] = []
+    for piece in re.split(r"(</?think>)", text):
+        parts = [piece[:-1], ">"] if piece in THINK_TOKENS else [piece]
+        for part in filter(None, parts):
+            ids.extend(tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    return ids
