@@ -1,7 +1,11 @@
 """``EurekaAudio``: the object ``load_model`` returns — chat messages in, text (and routing traces) out.
 
-Generation is transformers' own ``generate()`` on the backbone, fed ``inputs_embeds``; streaming is its
-``TextIteratorStreamer``. What this file adds is the audio: front-end, encoder, adapter, and the routing trace.
+Two generation engines give the same greedy tokens: ``"reference"`` is transformers' own ``generate()`` on the
+backbone, fed ``inputs_embeds`` (how the official code runs); ``"fast"`` (the default) is ``fast_decode.FastDecoder``,
+a static-cache decode loop without ``generate()``'s per-step overhead (``"compiled"`` adds ``torch.compile``).
+Streaming is transformers' ``TextIteratorStreamer`` for both. What this file adds is the audio: front-end, encoder
+(with a per-clip output cache), adapter, and the routing trace. ``enable_batching`` lets concurrent callers share
+batched decodes (``batcher.Batcher``).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .audio import FRAMES_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioFeatures, audio_features, chunk_log_mel
+from .batcher import Batcher, BatchRequest
 from .config import EurekaConfig
+from .fast_decode import EncoderCache, FastDecoder, clip_key, encode_trimmed, supports_fast_decode
 from .modeling import EurekaAudioModel, RouterOutput
 from .prompts import Prompt, SpecialTokenIds, audio_items, build_prompt
 from .tokenizer import encode_plain_text
 
 TOKEN_SECONDS = SAMPLES_PER_TOKEN / SAMPLE_RATE
+ENGINES = ("fast", "compiled", "reference")
 
 
 @dataclass
@@ -160,6 +167,20 @@ class PreparedInputs:
         return {"input_ids": self.input_ids, "inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
 
 
+def stack_rows(rows: list[torch.Tensor], row_ids: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Left-pad per-conversation embeddings and ids into one batch: (input_ids, inputs_embeds, attention_mask)."""
+    width = max(row.shape[0] for row in rows)
+    device, dtype, hidden = rows[0].device, rows[0].dtype, rows[0].shape[-1]
+    inputs_embeds = torch.zeros(len(rows), width, hidden, dtype=dtype, device=device)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    for i, (row, ids) in enumerate(zip(rows, row_ids, strict=True)):
+        inputs_embeds[i, width - row.shape[0] :] = row
+        attention_mask[i, width - row.shape[0] :] = 1
+        input_ids[i, width - row.shape[0] :] = ids
+    return input_ids, inputs_embeds, attention_mask
+
+
 class EurekaAudio:
     """In-process Eureka-Audio: ``generate`` / ``stream`` over official chat messages, plus routing traces."""
 
@@ -169,6 +190,12 @@ class EurekaAudio:
         self.name = name
         self.special_ids = SpecialTokenIds.from_tokenizer(tokenizer)
         self.last_routing: RoutingTrace | list[RoutingTrace | None] | None = None
+        # Default engine; "reference" stays callable per call (generate(..., engine="reference")) for comparisons.
+        self.engine = "fast" if supports_fast_decode(self.model.backbone) else "reference"
+        self.encoder_cache: EncoderCache | None = EncoderCache()
+        self.trim_encoder = False  # opt-in: encode only the real frames of a partial 30 s window
+        self.batcher: Batcher | None = None
+        self._decoders: dict[bool, FastDecoder] = {}
 
     # --- facts about the loaded model -------------------------------------------------------------------------
     @property
@@ -219,14 +246,36 @@ class EurekaAudio:
             self.special_ids,
             [clip.n_tokens for clip in clips],
         )
+        context = int(self.config.backbone.get("max_position_embeddings") or 0)
+        if context and len(prompt.input_ids) >= context:
+            raise ValueError(f"the prompt is {len(prompt.input_ids)} tokens; the model's context is {context} "
+                             "tokens. Shorten the text or the audio.")
         return prompt, clips
 
     @torch.inference_mode()
-    def _audio_embeddings(self, clips: list[AudioFeatures]) -> tuple[torch.Tensor, RouterOutput]:
+    def _encoder_output(self, clips: list[AudioFeatures]) -> torch.Tensor:
+        """Stacked encoder frames for a conversation's clips, from the per-content cache when it holds them."""
+        key = None
+        if self.encoder_cache is not None:
+            variant = f"trim={self.trim_encoder}"
+            key = clip_key([clip.waveform for clip in clips], self.config.n_mels, variant)
+            if (cached := self.encoder_cache.get(key)) is not None:
+                return cached
         # As in the official code, a conversation's clips are concatenated in mel time, then cut into 30 s chunks.
         log_mel = torch.cat([clip.log_mel for clip in clips], dim=-1)
-        mel_chunks = chunk_log_mel(log_mel).to(self.device)
-        return self.model.audio_embeddings(mel_chunks, log_mel.shape[-1] // FRAMES_PER_TOKEN)
+        n_tokens = log_mel.shape[-1] // FRAMES_PER_TOKEN
+        if self.trim_encoder:
+            frames = encode_trimmed(self.model.audio_encoder, log_mel.to(self.device))
+            stacked = frames.reshape(-1, self.config.adapter_in_dim)[:n_tokens]
+        else:
+            stacked = self.model.encode_audio(chunk_log_mel(log_mel).to(self.device), n_tokens)
+        if key is not None:
+            self.encoder_cache.put(key, stacked)
+        return stacked
+
+    @torch.inference_mode()
+    def _audio_embeddings(self, clips: list[AudioFeatures]) -> tuple[torch.Tensor, RouterOutput]:
+        return self.model.adapter(self._encoder_output(clips))
 
     @torch.inference_mode()
     def prepare(self, conversations: list[list[dict[str, Any]]]) -> PreparedInputs:
@@ -242,16 +291,7 @@ class EurekaAudio:
             rows.append(self.model.embed(input_ids, audio_embeds, self.special_ids.audio_pad)[0])
             row_ids.append(input_ids[0])
             traces.append(trace)
-        width = max(row.shape[0] for row in rows)
-        hidden = rows[0].shape[-1]
-        inputs_embeds = torch.zeros(len(rows), width, hidden, dtype=rows[0].dtype, device=self.device)
-        attention_mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        input_ids = torch.full((len(rows), width), self.special_ids.pad, dtype=torch.long, device=self.device)
-        for i, (row, ids) in enumerate(zip(rows, row_ids, strict=False)):
-            inputs_embeds[i, width - row.shape[0] :] = row
-            attention_mask[i, width - row.shape[0] :] = 1
-            input_ids[i, width - row.shape[0] :] = ids
-        return PreparedInputs(input_ids, inputs_embeds, attention_mask, traces)
+        return PreparedInputs(*stack_rows(rows, row_ids, self.special_ids.pad), traces)
 
     # --- generation -------------------------------------------------------------------------------------------
     def _settings(self, settings: GenerationSettings | None, overrides: dict[str, Any]) -> GenerationSettings:
@@ -267,24 +307,99 @@ class EurekaAudio:
             ids = ids[: ids.index(self.special_ids.im_end)]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _engine(self, engine: str | None) -> str:
+        engine = engine or self.engine
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+        if engine != "reference" and not supports_fast_decode(self.model.backbone):
+            return "reference"
+        return engine
+
+    def decoder(self, compiled: bool = False) -> FastDecoder:
+        """The static-cache decoder for this model (one eager, one compiled), built on first use."""
+        if compiled not in self._decoders:
+            self._decoders[compiled] = FastDecoder(self.model.backbone, compile_step=compiled)
+        return self._decoders[compiled]
+
+    def enable_batching(self, window_ms: float = 5.0, max_batch: int = 8) -> Batcher:
+        """Let concurrent single-conversation ``generate``/``stream`` calls on the fast engine share batched decodes."""
+        self.batcher = Batcher(self.decoder(), self.special_ids.pad, window_s=window_ms / 1000, max_batch=max_batch)
+        return self.batcher
+
+    def disable_batching(self) -> None:
+        self.batcher = None
+
+    def generate_ids(
+        self,
+        prepared: PreparedInputs,
+        settings: GenerationSettings,
+        engine: str | None = None,
+        streamer: Any = None,
+        cancel: threading.Event | None = None,
+        ignore_eos: bool = False,
+    ) -> torch.Tensor:
+        """Prompt + new ids ``[batch, prompt + new]`` from either engine. ``ignore_eos`` decodes exactly
+        ``max_new_tokens`` (benchmarks); ``cancel`` stops at the next token; ``streamer`` gets tokens as decoded."""
+        engine = self._engine(engine)
+        config = settings.to_generation_config(self.special_ids)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        if engine == "reference":
+            if ignore_eos:
+                config.eos_token_id = None
+            extra = {"stopping_criteria": StoppingCriteriaList([_CancelOnEvent(cancel)])} if cancel else {}
+            with torch.inference_mode():
+                return self.model.backbone.generate(
+                    **prepared.generate_kwargs(), generation_config=config, streamer=streamer, **extra
+                )
+        if self.batcher is not None and prepared.input_ids.shape[0] == 1 and engine == "fast":
+            return self._generate_batched(prepared, settings, config, streamer, cancel, ignore_eos)
+        hook = None
+        if cancel is not None:
+            batch = prepared.input_ids.shape[0]
+            hook = lambda step, tokens: torch.full((batch,), cancel.is_set())  # noqa: E731
+        return self.decoder(compiled=engine == "compiled").decode(
+            prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config,
+            streamer=streamer, on_step=hook, ignore_eos=ignore_eos,
+        )
+
+    def _generate_batched(self, prepared, settings, config, streamer, cancel, ignore_eos) -> torch.Tensor:
+        keep = prepared.attention_mask[0].bool()
+        input_ids = prepared.input_ids[0, keep]
+        request = BatchRequest(
+            input_ids=input_ids, inputs_embeds=prepared.inputs_embeds[0, keep], config=config, seed=settings.seed,
+            ignore_eos=ignore_eos, cancel=cancel,
+            on_token=None if streamer is None else (lambda token: streamer.put(torch.tensor([token]))),
+        )
+        if streamer is not None:
+            streamer.put(input_ids[None].cpu())
+        try:
+            tokens = self.batcher.run(request)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        new = torch.tensor(tokens, dtype=torch.long, device=input_ids.device)
+        return torch.cat([prepared.input_ids[0], new])[None]
+
     @torch.inference_mode()
     def generate(
-        self, messages: list, settings: GenerationSettings | None = None, **overrides: Any
+        self,
+        messages: list,
+        settings: GenerationSettings | None = None,
+        engine: str | None = None,
+        **overrides: Any,
     ) -> str | list[str]:
         """Answer one conversation (→ str) or a batch of conversations (→ list[str]) in one call.
 
         Keyword overrides: max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed.
+        ``engine`` picks ``"fast"`` (default), ``"compiled"`` or ``"reference"`` (transformers ``generate()``).
         The routing trace of the call is left in ``last_routing`` (a list for a batch).
         """
         batch = bool(messages) and isinstance(messages[0], list)
         conversations = messages if batch else [messages]
         settings = self._settings(settings, overrides)
         prepared = self.prepare(conversations)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        output_ids = self.model.backbone.generate(
-            **prepared.generate_kwargs(), generation_config=settings.to_generation_config(self.special_ids)
-        )
+        output_ids = self.generate_ids(prepared, settings, engine)
         texts = [self._decode(row[prepared.input_ids.shape[1] :]) for row in output_ids]
         self.last_routing = prepared.traces if batch else prepared.traces[0]
         return texts if batch else texts[0]
@@ -293,6 +408,7 @@ class EurekaAudio:
         self,
         messages: list[dict[str, Any]],
         settings: GenerationSettings | None = None,
+        engine: str | None = None,
         **overrides: Any,
     ) -> Iterator[str]:
         """Yield text pieces as they are decoded; their concatenation equals ``generate``'s result.
@@ -300,6 +416,7 @@ class EurekaAudio:
         Closing the iterator early (a Stop button, a disconnected client) stops the generation thread.
         """
         settings = self._settings(settings, overrides)
+        engine = self._engine(engine)
         prepared = self.prepare([messages])
         self.last_routing = prepared.traces[0]
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -308,15 +425,8 @@ class EurekaAudio:
 
         def run() -> None:
             try:
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
                 with torch.inference_mode():
-                    self.model.backbone.generate(
-                        **prepared.generate_kwargs(),
-                        generation_config=settings.to_generation_config(self.special_ids),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_CancelOnEvent(cancel)]),
-                    )
+                    self.generate_ids(prepared, settings, engine, streamer=streamer, cancel=cancel)
             except BaseException as exc:  # surfaced in the consumer's thread below
                 errors.append(exc)
                 streamer.end()

@@ -1,0 +1,1 @@
+"""Benchmarks for Eureka-Audio Studio: ``python -m bench`` (see docs/performance.md)."""

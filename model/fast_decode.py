@@ -1,0 +1,339 @@
+"""Our generation path: a hand-written decode loop over the backbone's forward, plus the audio-side shortcuts.
+
+Why not ``generate()``: on this project's CPUs decode is bound by reading the weights once per token, and
+``generate()`` adds work on top of that for every token — a growing ``DynamicCache`` (``torch.cat`` of every
+layer's keys and values), per-step input preparation, mask building and stopping-criteria bookkeeping. The loop
+here keeps what matters and drops the rest:
+
+* a preallocated transformers ``StaticCache`` (no reallocation or concatenation while decoding), reused across
+  calls from a small pool;
+* the attention mask kept as one boolean ``[batch, 1, 1, cache_len]`` tensor updated in place, passed straight to
+  the attention layers (the model's mask builder is skipped);
+* transformers' own ``LogitsProcessor`` classes, in the order ``generate()`` applies them, so greedy and sampled
+  tokens are the ones the reference path produces (same processors, same ``torch.multinomial`` draw);
+* optionally a ``torch.compile``-d decode step (measured in ``docs/performance.md``).
+
+The audio side: :class:`EncoderCache` keeps encoder outputs per clip content (multi-turn QA and the routing view ask
+several things about one clip), and :func:`encode_trimmed` runs the Whisper encoder only over the real frames of a
+partial 30 s window (opt-in: the official model always sees the padded window, so quality may change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
+    StaticCache,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.streamers import BaseStreamer
+
+CACHE_BUCKET = 256  # static caches are sized in multiples of this, so a few shapes serve every request
+
+
+# --- decoding ---------------------------------------------------------------------------------------------------
+def logits_processors(config: GenerationConfig, attention_mask: torch.Tensor) -> LogitsProcessorList:
+    """The processors ``generate()`` builds for our settings, in its order (repetition penalty, then the warpers).
+
+    The repetition penalty ignores each row's left padding exactly as ``generate()`` does (``prompt_ignore_length``
+    from the attention mask), and also sees the prompt tokens, as in the official code.
+    """
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        padding = (attention_mask != 0).int().argmax(dim=1)
+        penalty = RepetitionPenaltyLogitsProcessor(float(config.repetition_penalty), prompt_ignore_length=padding)
+        processors.append(penalty)
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            processors.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    return processors
+
+
+def supports_fast_decode(backbone: PreTrainedModel) -> bool:
+    """The loop passes one full-attention mask to every layer; sliding-window or linear-attention layers need more."""
+    layer_types = getattr(backbone.config, "layer_types", None)
+    return bool(layer_types) and set(layer_types) == {"full_attention"}
+
+
+# Decoder-only families whose layers take (hidden, attention_mask, position_embeddings, position_ids, cache,
+# use_cache) and whose base model is embed_tokens → rotary_emb → layers → norm; for them a decode step can call the
+# layers directly (see FastDecoder._layers_step). Others go through the model's own forward.
+LAYER_WALK_MODEL_TYPES = {"qwen3", "qwen2", "llama", "mistral"}
+
+
+class _CachePool:
+    """A few idle ``StaticCache`` objects keyed by (batch, length); a decode takes one exclusively.
+
+    Allocating a cache costs a memset of its whole size (≈90 MB for the full model at 768 positions); reusing
+    one also keeps shapes stable for a compiled step.
+    """
+
+    def __init__(self, max_idle: int = 4):
+        self.max_idle = max_idle
+        self._idle: list[tuple[tuple[int, int], StaticCache]] = []
+        self._lock = threading.Lock()
+
+    def take(self, config, batch: int, length: int) -> StaticCache:
+        key = (batch, length)
+        with self._lock:
+            for i, (k, cache) in enumerate(self._idle):
+                if k == key:
+                    del self._idle[i]
+                    cache.reset()
+                    return cache
+        return StaticCache(config=config, max_cache_len=length)
+
+    def give(self, batch: int, length: int, cache: StaticCache) -> None:
+        with self._lock:
+            self._idle.append(((batch, length), cache))
+            del self._idle[: max(0, len(self._idle) - self.max_idle)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+class FastDecoder:
+    """Greedy/sampled decoding over a transformers causal LM with a static KV cache and no ``generate()``.
+
+    ``decode`` takes the same inputs as ``generate(input_ids=…, inputs_embeds=…, attention_mask=…)`` (left-padded)
+    and returns the same ``[batch, prompt + new]`` id tensor, so callers decode text the same way.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, compile_step: bool = False, compile_mode: str | None = None):
+        if not supports_fast_decode(backbone):
+            raise ValueError("FastDecoder needs a backbone whose layers are all full attention")
+        self.backbone = backbone
+        self.compile_step = compile_step
+        self.pool = _CachePool()
+        walkable = backbone.config.model_type in LAYER_WALK_MODEL_TYPES and hasattr(backbone, "model")
+        self._step_fn = self._layers_step if walkable else self._forward
+        if compile_step:
+            # dynamic=False: one graph per (batch, cache length) bucket; the decode step's shapes never change.
+            # compile_mode="reduce-overhead" adds CUDA graphs on a GPU (scripts/gpu_bench.py).
+            self._step_fn = torch.compile(self._step_fn, dynamic=False, mode=compile_mode)
+
+    def _forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: StaticCache
+    ) -> torch.Tensor:
+        out = self.backbone(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask={"full_attention": mask},
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def _layers_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: StaticCache
+    ) -> torch.Tensor:
+        """One decode step through the backbone's own modules, minus the model-level wrappers.
+
+        Same modules, same order, same numbers as ``_forward`` (tested bit-for-bit); it skips what a one-token step
+        does not need — output-capturing decorators, mask building, two ``ModelOutput`` objects — which is a large
+        share of a step for a small model (≈40 % fewer Python calls on tiny-random).
+        """
+        inner = self.backbone.model
+        hidden = inner.embed_tokens(input_ids)
+        position_embeddings = inner.rotary_emb(hidden, position_ids)
+        for layer in inner.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=position_ids, cache=cache, use_cache=True)
+        return self.backbone.lm_head(inner.norm(hidden)[:, -1])
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        config: GenerationConfig,
+        max_new_tokens: Sequence[int] | None = None,
+        streamer: BaseStreamer | None = None,
+        on_step: StepHook | None = None,
+        ignore_eos: bool = False,
+    ) -> torch.Tensor:
+        """Decode up to ``config.max_new_tokens`` (or per-row ``max_new_tokens``) tokens after a left-padded prompt.
+
+        ``on_step(step, next_tokens)`` is called after every token with the batch's new ids; it may return a
+        boolean ``[batch]`` tensor of rows to stop now (cancelled requests). Finished rows are filled with the pad
+        id, as ``generate()`` does. ``ignore_eos`` keeps decoding past EOS (benchmarks want a fixed length).
+        """
+        device = inputs_embeds.device
+        batch, prompt_len = input_ids.shape
+        limits = torch.tensor(
+            list(max_new_tokens) if max_new_tokens is not None else [config.max_new_tokens] * batch, device=device
+        )
+        total_new = int(limits.max())
+        eos = config.eos_token_id
+        eos_ids = torch.tensor([] if eos is None or ignore_eos else ([eos] if isinstance(eos, int) else list(eos)),
+                               device=device, dtype=torch.long)
+        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+        length = -(-(prompt_len + total_new) // CACHE_BUCKET) * CACHE_BUCKET
+        processors = logits_processors(config, attention_mask)
+
+        tokens = torch.full((batch, prompt_len + total_new), pad, dtype=torch.long, device=device)
+        tokens[:, :prompt_len] = input_ids
+        # kv_valid[b, j]: cache slot j holds a real token of row b. Slots past the current length stay False.
+        kv_valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        kv_valid[:, :prompt_len] = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+        if streamer is not None:  # the prompt first, as generate() does (skip_prompt streamers drop it)
+            streamer.put(input_ids.cpu())
+        cache = self.pool.take(self.backbone.config, batch, length)
+        try:
+            # Prefill: causal over the prompt, padding excluded; a padding query attends to itself only, so no row
+            # is fully masked.
+            causal = torch.ones(prompt_len, length, dtype=torch.bool, device=device).tril()
+            prefill_mask = (causal[None] & kv_valid[:, None, :]) | torch.eye(
+                prompt_len, length, dtype=torch.bool, device=device
+            )[None]
+            logits = self.backbone(
+                inputs_embeds=inputs_embeds,
+                position_ids=positions,
+                attention_mask={"full_attention": prefill_mask[:, None]},
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+            next_pos = positions[:, -1:] + 1
+            mask = kv_valid[:, None, None, :]
+            steps = 0
+            for step in range(total_new):
+                scores = processors(tokens[:, : prompt_len + step], logits.float())
+                if config.do_sample:
+                    next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    next_tokens = scores.argmax(dim=-1)
+                next_tokens = torch.where(unfinished, next_tokens, pad)
+                tokens[:, prompt_len + step] = next_tokens
+                steps = step + 1
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                if len(eos_ids):
+                    unfinished &= ~torch.isin(next_tokens, eos_ids)
+                unfinished &= limits > steps
+                if on_step is not None and (stop := on_step(step, next_tokens)) is not None:
+                    unfinished &= ~stop.to(device)
+                if not bool(unfinished.any()):
+                    break
+                kv_valid[:, prompt_len + step] = True
+                logits = self._step_fn(next_tokens[:, None], next_pos, mask, cache)
+                next_pos = next_pos + 1
+        finally:
+            self.pool.give(batch, length, cache)
+            if streamer is not None:
+                streamer.end()
+        return tokens[:, : prompt_len + steps]
+
+
+# --- the audio side ---------------------------------------------------------------------------------------------
+def clip_key(waveforms: Sequence[np.ndarray], n_mels: int, variant: str = "") -> str:
+    """Content hash of a conversation's clips (in order) and the front-end/encoder settings that shape the output."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{n_mels}|{variant}|{len(waveforms)}".encode())
+    for samples in waveforms:
+        array = np.ascontiguousarray(samples, dtype=np.float32)
+        digest.update(len(array).to_bytes(8, "little"))
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class EncoderCache:
+    """LRU map: clip content hash → encoder output (stacked frames); a second question about a clip skips the encoder.
+
+    The encoder dominates time to first token for long clips (≈2× the prefill for the full model on a 30 s clip);
+    the adapter is re-run on a hit (it is cheap), so routing traces are recomputed, not stored.
+    """
+
+    def __init__(self, max_items: int = 32, max_bytes: int = 512 * 2**20):
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items or (
+                len(self._items) > 1 and sum(v.nbytes for v in self._items.values()) > self.max_bytes
+            ):
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stats(self) -> dict[str, Any]:
+        return {"items": len(self._items), "hits": self.hits, "misses": self.misses}
+
+
+def _encoder_forward(encoder: torch.nn.Module, mel: torch.Tensor) -> torch.Tensor:
+    """openai-whisper's ``AudioEncoder.forward`` without its full-window assertion: positions ``[0, frames)`` only."""
+    x = F.gelu(encoder.conv1(mel))
+    x = F.gelu(encoder.conv2(x))
+    x = x.permute(0, 2, 1)
+    x = (x + encoder.positional_embedding[: x.shape[1]]).to(x.dtype)
+    for block in encoder.blocks:
+        x = block(x)
+    return encoder.ln_post(x)
+
+
+def encode_trimmed(encoder: torch.nn.Module, log_mel: torch.Tensor, chunk_frames: int = 3000) -> torch.Tensor:
+    """[n_mels, frames] → [frames // 2, d]: full 30 s chunks as usual, the partial last one without its padding.
+
+    The official model runs every chunk over the padded 30 s window (attention over silence included); this skips
+    the padded frames — up to 3× less encoder work for a 10 s clip — at the cost of a distribution shift, so it is
+    opt-in and its quality change is measured on Eureka-mini's evaluation (docs/performance.md).
+    """
+    dtype = encoder.conv1.weight.dtype
+    n_full, rest = divmod(log_mel.shape[-1], chunk_frames)
+    parts = []
+    if n_full:
+        full = log_mel[:, : n_full * chunk_frames].reshape(log_mel.shape[0], n_full, chunk_frames).permute(1, 0, 2)
+        frames = _encoder_forward(encoder, full.contiguous().to(dtype))
+        parts.append(frames.reshape(-1, frames.shape[-1]))
+    if rest:
+        tail = log_mel[None, :, n_full * chunk_frames :].to(dtype)
+        parts.append(_encoder_forward(encoder, tail)[0])
+    return torch.cat(parts)

@@ -1,0 +1,292 @@
+"""The optimised paths give the reference path's answers: static-cache decode, batching, streaming, cancellation,
+encoder cache, int8 weights (within a stated tolerance) and the trimmed-window encoder."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import noise, tone
+
+from model import load_model, task_messages
+from model.audio import chunk_log_mel
+from model.fast_decode import EncoderCache, clip_key, encode_trimmed, logits_processors
+from model.inference import GenerationSettings
+from model.loading import MINI_DIR
+from model.quantize import Int8Linear, quantize_int8
+
+
+def clip(seconds: float, freq: float = 440.0):
+    return (tone(seconds, freq) + noise(seconds, amplitude=0.02), 16000)
+
+
+CONVERSATIONS = [
+    task_messages("asr", clip(0.7, 300)),
+    task_messages("qa", clip(2.9, 900), question="How many beeps?\nA. one\nB. two\nC. three\nD. four"),
+    task_messages("caption", clip(1.6, 2000)),
+    task_messages("caption", clip(6.3, 150)),
+]
+
+
+@pytest.fixture()
+def fresh():
+    """A private tiny-random model for tests that change its state (batching, quantisation, trimming)."""
+    return load_model("tiny-random")
+
+
+def new_ids(model, messages, settings: GenerationSettings, engine: str, **kw) -> list[int]:
+    prepared = model.prepare([messages])
+    return model.generate_ids(prepared, settings, engine, **kw)[0, prepared.input_ids.shape[1]:].tolist()
+
+
+# --- same tokens as the reference path ----------------------------------------------------------------------------
+@pytest.mark.parametrize("penalty", [1.0, 1.05, 1.3])
+def test_greedy_tokens_equal_reference(tiny, penalty: float) -> None:
+    settings = GenerationSettings(max_new_tokens=48, repetition_penalty=penalty)
+    for messages in CONVERSATIONS:
+        assert new_ids(tiny, messages, settings, "fast") == new_ids(tiny, messages, settings, "reference")
+
+
+def test_sampling_draws_equal_reference_with_a_seed(tiny) -> None:
+    for temperature, top_p, top_k in [(0.7, 0.8, 20), (1.3, 1.0, 0), (1.0, 0.5, 5)]:
+        settings = GenerationSettings(max_new_tokens=32, temperature=temperature, top_p=top_p, top_k=top_k, seed=11)
+        for messages in CONVERSATIONS[1:3]:
+            assert new_ids(tiny, messages, settings, "fast") == new_ids(tiny, messages, settings, "reference")
+
+
+def test_processors_mirror_generate(tiny) -> None:
+    """The processors we build are the ones generate() builds, in its order (same classes, same parameters)."""
+    settings = GenerationSettings(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    config = settings.to_generation_config(tiny.special_ids)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    ours = logits_processors(config, mask)
+    theirs = tiny.model.backbone._get_logits_processor(
+        generation_config=tiny.model.backbone._prepare_generation_config(config)[0], input_ids_seq_length=5,
+        model_kwargs={"attention_mask": mask})
+    assert [type(p) for p in ours] == [type(p) for p in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert {k: v for k, v in vars(a).items() if not isinstance(v, torch.Tensor)} == \
+            {k: v for k, v in vars(b).items() if not isinstance(v, torch.Tensor)}
+
+
+def test_layer_walk_step_equals_the_model_forward(tiny) -> None:
+    from transformers import StaticCache
+
+    decoder = tiny.decoder()
+    assert decoder._step_fn == decoder._layers_step
+    backbone = tiny.model.backbone
+    ids, pos = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    outputs = []
+    for step in (decoder._forward, decoder._layers_step):
+        cache = StaticCache(config=backbone.config, max_cache_len=16)
+        with torch.inference_mode():
+            outputs.append([step(ids, pos, mask, cache), step(ids + 1, pos + 1, mask, cache)])
+    for a, b in zip(*outputs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_batch_equals_single_calls(tiny) -> None:
+    singles = [tiny.generate(c, max_new_tokens=24, engine="reference") for c in CONVERSATIONS]
+    assert tiny.generate(CONVERSATIONS, max_new_tokens=24) == singles
+    assert isinstance(tiny.last_routing, list) and len(tiny.last_routing) == len(CONVERSATIONS)
+
+
+def test_ignore_eos_decodes_exactly_max_new_tokens(tiny) -> None:
+    settings = GenerationSettings(max_new_tokens=70, repetition_penalty=1.0)
+    for engine in ("fast", "reference"):
+        assert len(new_ids(tiny, CONVERSATIONS[0], settings, engine, ignore_eos=True)) == 70
+
+
+def test_stream_concatenates_to_generate(tiny) -> None:
+    for messages in CONVERSATIONS[:3]:
+        full = tiny.generate(messages, max_new_tokens=40)
+        assert "".join(tiny.stream(messages, max_new_tokens=40)) == full
+        assert full == tiny.generate(messages, max_new_tokens=40, engine="reference")
+
+
+def test_closing_a_stream_stops_generation(tiny) -> None:
+    before = threading.active_count()
+    stream = tiny.stream(task_messages("caption", clip(1.0)), max_new_tokens=400, repetition_penalty=1.0)
+    next(stream)
+    stream.close()
+    assert threading.active_count() == before
+
+
+def test_unknown_engine_is_refused(tiny) -> None:
+    with pytest.raises(ValueError, match="unknown engine"):
+        tiny.generate(CONVERSATIONS[0], engine="warp")
+
+
+@pytest.mark.skipif(not (MINI_DIR / "config.json").is_file(), reason="Eureka-mini is not bundled yet")
+def test_mini_greedy_tokens_equal_reference() -> None:
+    mini = load_model("mini")
+    settings = GenerationSettings(max_new_tokens=64)
+    for messages in CONVERSATIONS:
+        assert new_ids(mini, messages, settings, "fast") == new_ids(mini, messages, settings, "reference")
+
+
+# --- batching -----------------------------------------------------------------------------------------------------
+def concurrent(model, conversations, **settings) -> list[str]:
+    results: list[str | None] = [None] * len(conversations)
+    barrier = threading.Barrier(len(conversations))
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = model.generate(conversations[i], **settings)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(conversations))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_batched_requests_equal_single_requests(fresh) -> None:
+    singles = [fresh.generate(c, max_new_tokens=30) for c in CONVERSATIONS]
+    batcher = fresh.enable_batching(window_ms=200, max_batch=8)
+    assert concurrent(fresh, CONVERSATIONS, max_new_tokens=30) == singles
+    assert max(batcher.batch_sizes) > 1
+    deadline = time.time() + 5
+    while not batcher.idle and time.time() < deadline:
+        time.sleep(0.01)
+    assert batcher.idle  # the runner thread exits when there is no work
+
+
+def test_batched_rows_keep_their_own_limits_and_settings(fresh) -> None:
+    expected = [fresh.generate(c, max_new_tokens=n) for c, n in zip(CONVERSATIONS, (5, 17, 40, 9), strict=True)]
+    sampled = fresh.generate(CONVERSATIONS[1], max_new_tokens=12, temperature=0.9, seed=4)
+    fresh.enable_batching(window_ms=200)
+    results: dict[int, str] = {}
+
+    def call(i: int, **kw) -> None:
+        results[i] = fresh.generate(CONVERSATIONS[i % 4], **kw)
+
+    threads = [threading.Thread(target=call, args=(i,), kwargs={"max_new_tokens": n})
+               for i, n in enumerate((5, 17, 40, 9))]
+    threads.append(threading.Thread(target=call, args=(5,), kwargs={"max_new_tokens": 12, "temperature": 0.9,
+                                                                    "seed": 4}))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(4)] == expected
+    assert results[5] == sampled  # a seeded sampling request runs alone, so its draws are reproducible
+
+
+def test_batched_stream_equals_generate_and_cancels(fresh) -> None:
+    expected = fresh.generate(CONVERSATIONS[2], max_new_tokens=40)
+    expected_long = fresh.generate(CONVERSATIONS[3], max_new_tokens=200, repetition_penalty=1.0)
+    batcher = fresh.enable_batching(window_ms=5)
+    assert "".join(fresh.stream(CONVERSATIONS[2], max_new_tokens=40)) == expected
+    batcher.window_s, batcher.max_batch = 30.0, 2  # the next two requests are gathered into one batch
+    long_result: list[str] = []
+    other = threading.Thread(target=lambda: long_result.append(
+        fresh.generate(CONVERSATIONS[3], max_new_tokens=200, repetition_penalty=1.0)))
+    other.start()
+    stream = fresh.stream(CONVERSATIONS[1], max_new_tokens=400, repetition_penalty=1.0)
+    next(stream)
+    stream.close()  # returns once this row is dropped, while the other row keeps decoding
+    other.join()
+    assert batcher.batch_sizes[-1] == 2
+    assert long_result == [expected_long]
+    deadline = time.time() + 5
+    while not batcher.idle and time.time() < deadline:
+        time.sleep(0.01)
+    assert batcher.idle
+
+
+# --- encoder cache ------------------------------------------------------------------------------------------------
+def test_encoder_cache_hit_returns_identical_results(fresh) -> None:
+    audio = clip(4.2, 700)
+    first = fresh.generate(task_messages("caption", audio), max_new_tokens=24)
+    trace_first = fresh.last_routing
+    assert fresh.encoder_cache.stats()["misses"] == 1
+    second = fresh.generate(task_messages("caption", audio), max_new_tokens=24)
+    assert fresh.encoder_cache.stats()["hits"] == 1
+    assert second == first
+    for field in ("expert_ids", "expert_weights", "router_probs", "start_s", "end_s"):
+        assert (getattr(fresh.last_routing, field) == getattr(trace_first, field)).all()
+    assert (fresh.routing(audio).expert_ids == trace_first.expert_ids).all()  # the routing view hits too
+    fresh.encoder_cache = None
+    assert fresh.generate(task_messages("caption", audio), max_new_tokens=24) == first
+
+
+def test_encoder_cache_keys_content_and_settings() -> None:
+    a, b = tone(1.0, 300), tone(1.0, 301)
+    assert clip_key([a], 80) == clip_key([a.copy()], 80)
+    assert clip_key([a], 80) != clip_key([b], 80)
+    assert clip_key([a], 80) != clip_key([a], 128)
+    assert clip_key([a, b], 80) != clip_key([b, a], 80)
+    assert clip_key([a], 80, "trim=True") != clip_key([a], 80, "trim=False")
+    cache = EncoderCache(max_items=2)
+    for key in "xyz":
+        cache.put(key, torch.zeros(3))
+    assert cache.get("x") is None and cache.get("z") is not None and len(cache) == 2
+
+
+# --- int8 ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 0.01), (torch.bfloat16, 0.02)])
+def test_int8_linear_is_within_tolerance(dtype: torch.dtype, tolerance: float) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96).to(dtype)
+    x = torch.randn(5, 3, 256, dtype=dtype)
+    quantized = Int8Linear.from_linear(linear)
+    with torch.no_grad():
+        expected, got = linear(x).float(), quantized(x).float()
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert float((got - expected).abs().max() / expected.abs().max()) < tolerance
+    torch.testing.assert_close(quantized.dequantized().float(), linear.weight.float(), atol=linear.weight.abs().max()
+                               .item() / 127, rtol=0)
+
+
+def test_int8_backbone_stays_close_to_float(fresh, tiny) -> None:
+    """Stated tolerance on tiny-random: prefill logits within 6 % (max abs diff / max abs logit) and the
+    teacher-forced top-1 token the same at ≥ 85 % of prompt positions; both engines agree on the int8 model."""
+    info = quantize_int8(fresh)
+    assert info["layers"] == 2 * 7 + 1 and info["weight_bytes_after"] < info["weight_bytes_before"] / 3
+    for messages in CONVERSATIONS:
+        a, b = tiny.prepare([messages]), fresh.prepare([messages])
+        with torch.inference_mode():
+            la = tiny.model.backbone(inputs_embeds=a.inputs_embeds).logits
+            lb = fresh.model.backbone(inputs_embeds=b.inputs_embeds).logits
+        assert float((la - lb).abs().max() / la.abs().max()) < 0.06
+        assert float((la.argmax(-1) == lb.argmax(-1)).float().mean()) >= 0.85
+        settings = GenerationSettings(max_new_tokens=24)
+        assert new_ids(fresh, messages, settings, "fast") == new_ids(fresh, messages, settings, "reference")
+
+
+# --- trimmed-window encoder ---------------------------------------------------------------------------------------
+def test_trimmed_encoder_equals_full_window_on_whole_chunks(tiny) -> None:
+    features = tiny.features(clip(30.0))
+    with torch.inference_mode():
+        full = tiny.model.audio_encoder(chunk_log_mel(features.log_mel))
+        trimmed = encode_trimmed(tiny.model.audio_encoder, features.log_mel)
+    torch.testing.assert_close(trimmed, full.reshape(-1, full.shape[-1]))
+
+
+def test_trimmed_encoder_is_opt_in_and_keeps_shapes(fresh) -> None:
+    messages = task_messages("caption", clip(7.3))
+    full = fresh.prepare([messages]).inputs_embeds
+    assert fresh.trim_encoder is False
+    fresh.trim_encoder = True
+    trimmed = fresh.prepare([messages]).inputs_embeds
+    assert trimmed.shape == full.shape
+    assert not torch.equal(trimmed, full)  # a different encoder input, so (slightly) different embeddings
+    features = fresh.features(clip(37.0))
+    with torch.inference_mode():
+        out = encode_trimmed(fresh.model.audio_encoder, features.log_mel)
+        whole = fresh.model.audio_encoder(chunk_log_mel(features.log_mel))
+    assert out.shape[0] == features.log_mel.shape[-1] // 2
+    torch.testing.assert_close(out[:1500], whole[0])  # the first, complete 30 s chunk is untouched
+
+
+# --- compiled decode step -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_engine_gives_the_same_tokens(fresh) -> None:
+    settings = GenerationSettings(max_new_tokens=20)
+    for messages in CONVERSATIONS[:2]:
+        assert new_ids(fresh, messages, settings, "compiled") == new_ids(fresh, messages, settings, "reference")
