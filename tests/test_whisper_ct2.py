@@ -182,30 +182,11 @@ def test_full_state_dict_round_trip(ct2: w.CT2Model) -> None:
     np.testing.assert_array_equal(sd["decoder.blocks.2.cross_attn.value.weight"].numpy(), kv[384:])
 
 
-def test_cache_round_trip(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(w.CACHE_ENV, str(tmp_path))
-    fresh, dims = w.load_tiny_en_state_dict(bundle)
-    cached_files = list(tmp_path.rglob("*.safetensors"))
-    assert len(cached_files) == 1
-    # The second load must come from the cache, not from a re-parse.
-    with monkeypatch.context() as m:
-        m.setattr(w, "read_ct2_model", lambda *a: pytest.fail("cache was not used"))
-        again, dims2 = w.load_tiny_en_state_dict(bundle)
-    uncached, _ = w.load_tiny_en_state_dict(bundle, use_cache=False)
-    assert dims == dims2 and set(fresh) == set(again) == set(uncached)
-    for k in fresh:
-        assert torch.equal(fresh[k], again[k]) and torch.equal(fresh[k], uncached[k]), k
-    cached_files[0].write_bytes(b"corrupt")  # a broken cache must fall back to parsing
-    broken, _ = w.load_tiny_en_state_dict(bundle)
-    assert torch.equal(broken["encoder.conv1.weight"], fresh["encoder.conv1.weight"])
-
-
 def test_cli_writes_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundle: Path) -> None:
     import json
 
     from safetensors.torch import load_file
 
-    monkeypatch.setenv(w.CACHE_ENV, str(tmp_path / "cache"))
     assert w.main(["--out", str(tmp_path / "out")]) == 0
     info = json.loads((tmp_path / "out" / "dims.json").read_text())
     assert info["encoder"] == {
@@ -300,7 +281,6 @@ def test_wer_helper() -> None:
 def test_full_whisper_transcribes_espeak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import whisper
 
-    monkeypatch.setenv(w.CACHE_ENV, str(tmp_path / "cache"))
     soxr = pytest.importorskip("soxr")
     text = "The weather today is sunny and warm, so we will go to the park."
     wav_path = tmp_path / "speech.wav"
