@@ -20,19 +20,30 @@ def _num(value: Any, fmt: str = ".2f", suffix: str = "") -> str:
 
 
 def _decode_table(decode: dict[str, Any], title: str) -> list[str]:
+    bw = ""
+    if "bound_bandwidth_GBps" in decode:
+        before, after = decode["bandwidth_before"], decode["bandwidth_after"]
+        bw = (" Bandwidth beside these runs (read-only sum / copy read side, GB/s): "
+              f"before {before['read_GBps']:.1f} / "
+              f"{before['copy_read_GBps']:.1f}, after {after['read_GBps']:.1f} / {after['copy_read_GBps']:.1f}; the "
+              f"bound uses the highest read figure of the session, {decode['bound_bandwidth_GBps']:.1f} GB/s.")
     lines = [f"**{title}** — batch 1, greedy, exactly {decode['new_tokens']} new tokens (EOS ignored), "
-             f"prompt {decode['prompt_tokens']} tokens, {decode['weight_bytes_per_token'] / 1e9:.3f} GB of weights "
-             "read per token.", "",
-             "| engine | decode tokens/s (mean; runs) | × reference | % of bandwidth bound | prefill s | peak RSS MB |",
-             "|---|---|---|---|---|---|"]
+             f"prompt {decode['prompt_tokens']} tokens.{bw}", "",
+             "| path | decode tokens/s (mean; runs) | × reference | weights read per token GB | "
+             "% of bandwidth bound | prefill s | peak RSS MB | CPU busy before runs |",
+             "|---|---|---|---|---|---|---|---|"]
     for engine, e in decode["engines"].items():
         bound = e.get("bandwidth_bound_tokens_per_s")
         lines.append(
             f"| {engine} | {_runs(e['tokens_per_s'])} | {_num(e.get('speedup_vs_reference'), '.2f', '×')} | "
+            f"{e['weight_bytes_per_token'] / 1e9:.3f} | "
             f"{_num(e.get('percent_of_bound'), '.1f', ' %')}{f' of {bound:.2f}' if bound else ''} | "
-            f"{_runs(e['prefill_s'], 3)} | {max(e['peak_rss_mb']):.0f} |")
+            f"{_runs(e['prefill_s'], 3)} | {max(e['peak_rss_mb']):.0f} | {e.get('cpu_busy_before', '–')} |")
     warm = ", ".join(f"{k} {v['warmup_s']:.1f} s" for k, v in decode["engines"].items())
-    return lines + ["", f"First (warm-up) call: {warm}.", ""]
+    switches = decode.get("layout_switch_s") or {}
+    packing = (" Switching the weight layout took " + ", ".join(f"{k} {v:.1f} s" for k, v in switches.items()) + "."
+               if switches else "")
+    return lines + ["", f"First (warm-up) call: {warm}.{packing}", ""]
 
 
 def _ttft_table(ttft: dict[str, Any], title: str) -> list[str]:
@@ -127,10 +138,11 @@ def markdown(report: dict[str, Any]) -> str:
                 lines += _drift(r["int8"]["drift_vs_float"], "int8 vs float")
         if "ttft" in r:
             lines += _ttft_table(r["ttft"], "Time to first token")
+        other = r.get("other_window", "trimmed")
         if "trim" in r:
-            lines += _ttft_table(r["trim"], "Time to first token, trimmed-window encoder (opt-in)")
-        if "trim_drift_vs_full_window" in r:
-            lines += _drift(r["trim_drift_vs_full_window"], "Trimmed vs full-window encoder")
+            lines += _ttft_table(r["trim"], f"Time to first token, {other}-window encoder (not the model's own)")
+        if "other_window_drift" in r:
+            lines += _drift(r["other_window_drift"], f"{other.capitalize()}-window encoder vs the model's own")
         if "cache" in r:
             lines += _cache_table(r["cache"])
         if "concurrency" in r:

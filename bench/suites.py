@@ -6,6 +6,7 @@ process, interleaved run by run (reference, ours, reference, ours …) so a drif
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ import torch
 
 from model.inference import EurekaAudio, GenerationSettings
 from model.prompts import task_messages
-from model.quantize import backbone_weight_bytes
+from model.quantize import backbone_weight_bytes, can_pack, set_weight_layout
 
-from .measure import Timer, TokenTimes, peak_rss, percentile, summary, test_clip
+from .measure import Timer, TokenTimes, memory_bandwidth, peak_rss, percentile, summary, test_clip, wait_for_quiet
 
 QUESTIONS = (
     "What is happening in this recording?",
@@ -38,6 +39,19 @@ def _ratio(ours: float, reference: float) -> float:
     return round(ours / reference, 3) if reference and reference == reference else float("nan")
 
 
+# --- weight layout ------------------------------------------------------------------------------------------------
+def use_layout(model: EurekaAudio, layout: str) -> None:
+    """Put the backbone's linears in ``layout`` (``plain`` = the official path's nn.Linear) and keep them there."""
+    if can_pack(model.model.backbone):
+        set_weight_layout(model.model.backbone, layout)
+        model._layout_set = True
+
+
+def reference_layout(model: EurekaAudio, engine: str) -> None:
+    """The reference engine runs on plain nn.Linear weights, ours on the default decode layout (bf16 CPU only)."""
+    use_layout(model, "plain" if engine in ("reference", "compiled") else model.weight_layout)
+
+
 # --- decode -------------------------------------------------------------------------------------------------------
 def decode(
     model: EurekaAudio,
@@ -48,29 +62,63 @@ def decode(
     data_dir: Path | None = None,
     bandwidth_GBps: float | None = None,
     label: str = "",
+    compare_layouts: bool = True,
 ) -> dict[str, Any]:
-    """Batch-1 greedy decode tokens/s with exactly ``new_tokens`` new tokens (EOS ignored), per engine."""
+    """Batch-1 greedy decode tokens/s with exactly ``new_tokens`` new tokens (EOS ignored), per engine.
+
+    For a bf16 CPU model whose weights are not packed yet, every change is measured separately: first on plain
+    ``nn.Linear`` weights (``reference`` = the official path, ``fast, nn.Linear`` = our loop alone), then after
+    prepacking (``reference, prepacked`` = generate() on packed weights, ``fast`` = ours, all changes).
+    Runs are interleaved engine by engine within each phase.
+    """
     prepared = model.prepare([_qa(test_clip(clip_s, data_dir))])
-    weight_bytes = backbone_weight_bytes(model.model.backbone)
+    # (label, engine, weight layout); each phase switches the layout once, runs interleave within a phase.
+    phases: list[list[tuple[str, str, str]]]
+    if compare_layouts and can_pack(model.model.backbone):
+        phases = [[("reference", "reference", "plain"), ("fast, nn.Linear", "fast", "plain")],
+                  [("fast, oneDNN prepacked", "fast", "onednn")],
+                  [("reference, decode kernel", "reference", "kernel"), ("fast", "fast", "kernel")]]
+    else:
+        phases = [[(e, e, "") for e in engines]]
     results: dict[str, Any] = {"prompt_tokens": int(prepared.input_ids.shape[1]), "new_tokens": new_tokens,
-                               "weight_bytes_per_token": weight_bytes, "label": label, "engines": {}}
-    for engine in engines:  # warm-up (and, for "compiled", the compilation itself)
-        with Timer() as warm:
-            model.generate_ids(prepared, _greedy(8), engine, ignore_eos=True)
-        results["engines"][engine] = {"warmup_s": round(warm.seconds, 2), "tokens_per_s": [], "prefill_s": [],
-                                      "peak_rss_mb": []}
-    for _ in range(repeats):
-        for engine in engines:
-            times = TokenTimes()
-            with peak_rss() as memory:
-                ids = model.generate_ids(prepared, _greedy(new_tokens), engine, streamer=times, ignore_eos=True)
-            produced = ids.shape[1] - prepared.input_ids.shape[1]
-            if produced != new_tokens:
-                raise RuntimeError(f"{engine} produced {produced} tokens instead of {new_tokens}")
-            entry = results["engines"][engine]
-            entry["tokens_per_s"].append(times.decode_tokens_per_s())
-            entry["prefill_s"].append(times.first_token_s)
-            entry["peak_rss_mb"].append(round(memory["peak_mb"], 1))
+                               "label": label, "engines": {}, "layout_switch_s": {}}
+    if bandwidth_GBps:  # the host's memory bandwidth drifts (28–46 GB/s seen): measure it beside the runs too
+        wait_for_quiet()
+        results["bandwidth_before"] = memory_bandwidth(512, 3)
+    for phase in phases:
+        if phase[0][2]:
+            with Timer() as switching:
+                use_layout(model, phase[0][2])
+            results["layout_switch_s"][phase[0][2]] = round(switching.seconds, 2)
+        weight_bytes = backbone_weight_bytes(model.model.backbone)
+        for name, engine, _ in phase:  # warm-up (and, for "compiled", the compilation for this cache size itself)
+            with Timer() as warm:
+                model.generate_ids(prepared, _greedy(new_tokens if engine == "compiled" else 8), engine,
+                                   ignore_eos=True)
+            results["engines"][name] = {"engine": engine, "warmup_s": round(warm.seconds, 2), "tokens_per_s": [],
+                                        "prefill_s": [], "peak_rss_mb": [], "weight_bytes_per_token": weight_bytes}
+        for _ in range(repeats):
+            for name, engine, _ in phase:
+                busy = wait_for_quiet()
+                times = TokenTimes()
+                with peak_rss() as memory:
+                    ids = model.generate_ids(prepared, _greedy(new_tokens), engine, streamer=times, ignore_eos=True)
+                produced = ids.shape[1] - prepared.input_ids.shape[1]
+                if produced != new_tokens:
+                    raise RuntimeError(f"{name} produced {produced} tokens instead of {new_tokens}")
+                entry = results["engines"][name]
+                entry["tokens_per_s"].append(times.decode_tokens_per_s())
+                entry["prefill_s"].append(times.first_token_s)
+                entry["peak_rss_mb"].append(round(memory["peak_mb"], 1))
+                entry.setdefault("load_average", []).append(round(os.getloadavg()[0], 2))
+                entry.setdefault("cpu_busy_before", []).append(busy)
+    results["weight_bytes_per_token"] = backbone_weight_bytes(model.model.backbone)
+    if bandwidth_GBps:
+        wait_for_quiet()
+        results["bandwidth_after"] = memory_bandwidth(512, 3)
+        read = lambda b: max(b["read_GBps"], b["copy_read_GBps"])  # noqa: E731
+        bandwidth_GBps = max(bandwidth_GBps, read(results["bandwidth_before"]), read(results["bandwidth_after"]))
+        results["bound_bandwidth_GBps"] = bandwidth_GBps
     reference = results["engines"].get("reference")
     for entry in results["engines"].values():
         entry["tokens_per_s"] = summary(entry["tokens_per_s"])
@@ -78,7 +126,7 @@ def decode(
         if reference is not None:
             entry["speedup_vs_reference"] = _ratio(entry["tokens_per_s"]["mean"], reference["tokens_per_s"]["mean"])
         if bandwidth_GBps:
-            bound = bandwidth_GBps * 1e9 / weight_bytes
+            bound = bandwidth_GBps * 1e9 / entry["weight_bytes_per_token"]
             entry["bandwidth_bound_tokens_per_s"] = round(bound, 2)
             entry["percent_of_bound"] = round(100 * entry["tokens_per_s"]["mean"] / bound, 1)
     return results
@@ -87,6 +135,7 @@ def decode(
 # --- time to first token ------------------------------------------------------------------------------------------
 def _first_token(model: EurekaAudio, messages: list, engine: str) -> dict[str, float]:
     """messages → first new token: front-end + encoder + adapter + prefill, as one request sees it."""
+    wait_for_quiet()
     times = TokenTimes()
     prepared = model.prepare([messages])
     prepared_at = time.perf_counter()
@@ -108,18 +157,22 @@ def ttft(
     for seconds in clip_seconds:
         audio = test_clip(seconds, data_dir)
         messages = _qa(audio)
+        wait_for_quiet()
         with Timer() as front:
             clips = [model.features((audio, 16000))]
         if cache is not None:
             cache.clear()
+        wait_for_quiet()
         with Timer() as encoder:
             model._encoder_output(clips)
         row: dict[str, Any] = {"front_end_s": round(front.seconds, 4), "encoder_s": round(encoder.seconds, 3),
                                "prompt_tokens": len(model.tokenize(messages)[0].input_ids), "engines": {}}
         runs: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
-        model.generate_ids(model.prepare([messages]), _greedy(1), engines[0])  # warm-up allocations
-        for _ in range(repeats):
-            for engine in engines:
+        # Grouped by engine, not interleaved: switching the weight layout between runs takes seconds.
+        for engine in engines:
+            reference_layout(model, engine)
+            model.generate_ids(model.prepare([messages]), _greedy(1), engine)  # warm-up allocations
+            for _ in range(repeats):
                 if cache is not None:
                     cache.clear()
                 runs[engine].append(_first_token(model, messages, engine))
@@ -142,14 +195,18 @@ def encoder_cache(
     if model.encoder_cache is None:
         return {"skipped": "encoder cache disabled"}
     audio = test_clip(clip_s, data_dir)
+    reference_layout(model, engine)
+    model.generate_ids(model.prepare([_qa(test_clip(2.0, data_dir))]), _greedy(1), engine)  # warm-up
     first, second, routing_cold, routing_warm = [], [], [], []
     for _ in range(repeats):
         model.encoder_cache.clear()
         first.append(_first_token(model, _qa(audio, QUESTIONS[0]), engine)["ttft_s"])
         second.append(_first_token(model, _qa(audio, QUESTIONS[1]), engine)["ttft_s"])
         model.encoder_cache.clear()
+        wait_for_quiet()
         with Timer() as cold:
             model.routing((audio, 16000))
+        wait_for_quiet()
         with Timer() as warm:
             model.routing((audio, 16000))
         routing_cold.append(cold.seconds)
@@ -177,6 +234,9 @@ def concurrency(
 ) -> dict[str, Any]:
     """N clients (threads) each sending requests back to back through the app's path: prepare → decode → text.
 
+    Configs: ``reference``, ``fast`` (no batching), ``fast+batching``, and ``fast+batching+trim`` (opt-in trimmed
+    encoder as well: for short clips the full-window encoder, not decode, dominates a request).
+
     Every request decodes exactly ``new_tokens`` tokens (EOS ignored) so configurations do the same work; each
     request has its own clip, so the encoder cache never helps. ``use_stream`` goes through ``stream`` instead
     (the app's streaming path; EOS then ends requests early, so tokens are counted as they arrive).
@@ -184,19 +244,22 @@ def concurrency(
     clips = [test_clip(clip_s, data_dir, offset=i) for i in range(max(levels) * requests_per_client)]
     results: dict[str, Any] = {"new_tokens": new_tokens, "requests_per_client": requests_per_client,
                                "clip_s": clip_s, "configs": {}}
-    previous_batcher = model.batcher
+    previous_batcher, own_trim = model.batcher, model.trim_encoder
     try:
         for config in configs:
             engine = config.split("+")[0]
-            if config.endswith("+batching"):
+            reference_layout(model, engine)
+            if "+batching" in config:
                 model.enable_batching(window_ms=5.0, max_batch=max(levels))
             else:
                 model.disable_batching()
+            model.trim_encoder = own_trim or "+trim" in config
             per_level: dict[str, Any] = {}
             model.generate_ids(model.prepare([_qa(clips[0])]), _greedy(4), engine)  # warm-up
             for level in levels:
                 if model.encoder_cache is not None:
                     model.encoder_cache.clear()
+                wait_for_quiet()
                 per_level[str(level)] = _clients(model, engine, level, requests_per_client, clips, new_tokens,
                                                  use_stream)
                 if model.batcher is not None:
@@ -208,6 +271,7 @@ def concurrency(
             results["configs"][config] = per_level
     finally:
         model.batcher = previous_batcher
+        model.trim_encoder = own_trim
     return results
 
 
@@ -290,6 +354,7 @@ def evaluation(model: EurekaAudio, data_dir: Path, limit: int) -> dict[str, Any]
 def profile_decode(model: EurekaAudio, engine: str, steps: int = 16, clip_s: float = 10.0,
                    data_dir: Path | None = None, top: int = 15) -> list[dict[str, Any]]:
     """Where a decode's time goes: the top operators by self CPU time over ``steps`` tokens."""
+    reference_layout(model, engine)
     prepared = model.prepare([_qa(test_clip(clip_s, data_dir))])
     model.generate_ids(prepared, _greedy(4), engine, ignore_eos=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -7,6 +7,9 @@ or cancellation), not when the whole batch does.
 
 No thread lives longer than the work: the first request that finds no runner starts one; the runner gathers for
 ``window_s`` (or until ``max_batch`` requests wait), decodes, repeats while requests are pending, then exits.
+Callers announce a request while they prepare it (front-end, encoder, prefill embeddings: :meth:`preparing`), and
+the runner waits up to ``max_wait_s`` for announced requests before it starts a batch: concurrent users finish
+preparing at staggered times, and a request that misses a batch waits for the whole of it.
 Only requests with identical decoding settings share a batch, and a seeded sampling request always runs alone so
 its draws stay reproducible.
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,11 +56,14 @@ class BatchRequest:
 class Batcher:
     """Gathers concurrent :class:`BatchRequest` s into batched :meth:`FastDecoder.decode` calls."""
 
-    def __init__(self, decoder: FastDecoder, pad_id: int, window_s: float = 0.005, max_batch: int = 8):
+    def __init__(self, decoder: FastDecoder, pad_id: int, window_s: float = 0.005, max_batch: int = 8,
+                 max_wait_s: float = 0.25):
         self.decoder = decoder
         self.pad_id = pad_id
         self.window_s = window_s
         self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._preparing = 0  # requests announced but not yet submitted
         self._pending: list[tuple[tuple, BatchRequest]] = []
         self._cond = threading.Condition()
         self._runner: threading.Thread | None = None
@@ -79,6 +86,18 @@ class Batcher:
             self._cond.notify_all()
         return request
 
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Announce a request for the duration of its preparation, so a starting batch can wait for it."""
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
     @property
     def idle(self) -> bool:
         """No runner thread (the last batch has finished and nothing is pending)."""
@@ -90,7 +109,9 @@ class Batcher:
             if not self._pending:  # nothing arrived while the last batch ran: the runner exits
                 self._runner = None
                 return []
-            self._cond.wait_for(lambda: len(self._pending) >= self.max_batch, timeout=self.window_s)
+            full = lambda: len(self._pending) >= self.max_batch  # noqa: E731
+            self._cond.wait_for(lambda: full() or self._preparing == 0, timeout=self.max_wait_s)
+            self._cond.wait_for(full, timeout=self.window_s)
             key = self._pending[0][0]
             batch = [r for k, r in self._pending if k == key][: self.max_batch]
             self._pending = [(k, r) for k, r in self._pending if all(r is not b for b in batch)]

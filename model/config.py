@@ -43,6 +43,10 @@ class EurekaConfig:
     n_audio_layer: int = 32
     # Consecutive encoder frames concatenated into one audio token (50 Hz → 12.5 Hz, 80 ms per token).
     stack_factor: int = 4
+    # "full": every chunk padded to the 30 s window, as Whisper and the official model run it. "trimmed": the partial
+    # last chunk is encoded without its padding — a different input distribution, so it is only the default for a
+    # model trained that way (Eureka-mini: 12× cheaper encoding made its 8 000-clip training set affordable).
+    encoder_window: str = "full"
     # Sparse MoE adapter. The official sizes are not published: loading derives them from tensor shapes,
     # so these defaults only matter for randomly built models (benchmarks).
     n_routed_experts: int = 8

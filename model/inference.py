@@ -28,6 +28,7 @@ from .config import EurekaConfig
 from .fast_decode import EncoderCache, FastDecoder, clip_key, encode_trimmed, supports_fast_decode
 from .modeling import EurekaAudioModel, RouterOutput
 from .prompts import Prompt, SpecialTokenIds, audio_items, build_prompt
+from .quantize import can_pack, set_weight_layout, weight_layout
 from .tokenizer import encode_plain_text
 
 TOKEN_SECONDS = SAMPLES_PER_TOKEN / SAMPLE_RATE
@@ -193,9 +194,15 @@ class EurekaAudio:
         # Default engine; "reference" stays callable per call (generate(..., engine="reference")) for comparisons.
         self.engine = "fast" if supports_fast_decode(self.model.backbone) else "reference"
         self.encoder_cache: EncoderCache | None = EncoderCache()
-        self.trim_encoder = False  # opt-in: encode only the real frames of a partial 30 s window
+        # Encode only the real frames of a partial 30 s window: opt-in, or the model's own way (see EurekaConfig).
+        self.trim_encoder = self.config.encoder_window == "trimmed"
         self.batcher: Batcher | None = None
         self._decoders: dict[bool, FastDecoder] = {}
+        # CPU bf16 backbones: on first use the fast engine switches the linears to a decode layout
+        # ("auto" = the AVX512-BF16 kernel, else oneDNN prepacking; "plain" keeps nn.Linear). See quantize.py.
+        self.weight_layout = "auto"
+        self._layout_set = False
+        self._lock = threading.Lock()
 
     # --- facts about the loaded model -------------------------------------------------------------------------
     @property
@@ -277,9 +284,18 @@ class EurekaAudio:
     def _audio_embeddings(self, clips: list[AudioFeatures]) -> tuple[torch.Tensor, RouterOutput]:
         return self.model.adapter(self._encoder_output(clips))
 
-    @torch.inference_mode()
     def prepare(self, conversations: list[list[dict[str, Any]]]) -> PreparedInputs:
-        """Embed a batch of conversations, left-padded so every row ends where generation begins."""
+        """Embed a batch of conversations, left-padded so every row ends where generation begins.
+
+        With batching on, a single conversation is announced to the batcher while it is prepared."""
+        batcher = self.batcher
+        if batcher is None or len(conversations) != 1:
+            return self._prepare(conversations)
+        with batcher.preparing():
+            return self._prepare(conversations)
+
+    @torch.inference_mode()
+    def _prepare(self, conversations: list[list[dict[str, Any]]]) -> PreparedInputs:
         rows, row_ids, traces = [], [], []
         for messages in conversations:
             prompt, clips = self.tokenize(messages)
@@ -316,14 +332,29 @@ class EurekaAudio:
         return engine
 
     def decoder(self, compiled: bool = False) -> FastDecoder:
-        """The static-cache decoder for this model (one eager, one compiled), built on first use."""
-        if compiled not in self._decoders:
-            self._decoders[compiled] = FastDecoder(self.model.backbone, compile_step=compiled)
-        return self._decoders[compiled]
+        """The static-cache decoder for this model (one eager, one compiled), built on first use.
 
-    def enable_batching(self, window_ms: float = 5.0, max_batch: int = 8) -> Batcher:
-        """Let concurrent single-conversation ``generate``/``stream`` calls on the fast engine share batched decodes."""
-        self.batcher = Batcher(self.decoder(), self.special_ids.pad, window_s=window_ms / 1000, max_batch=max_batch)
+        On a CPU with a bf16 backbone, first use also switches the linears to ``weight_layout`` (the decode kernel
+        by default; values unchanged, see ``quantize.set_weight_layout``) — from then on both engines run them.
+        """
+        with self._lock:
+            if compiled and weight_layout(self.model.backbone) not in ("plain", "int8"):
+                raise ValueError("the compiled engine traces plain nn.Linear weights; this model's linears use the "
+                                 f"{weight_layout(self.model.backbone)!r} layout (set weight_layout = 'plain' first)")
+            if not compiled and not self._layout_set and can_pack(self.model.backbone):
+                if self.weight_layout != "plain":
+                    set_weight_layout(self.model.backbone, self.weight_layout)
+                self._layout_set = True
+            if compiled not in self._decoders:
+                self._decoders[compiled] = FastDecoder(self.model.backbone, compile_step=compiled)
+            return self._decoders[compiled]
+
+    def enable_batching(self, window_ms: float = 5.0, max_batch: int = 8, max_wait_ms: float = 250.0) -> Batcher:
+        """Let concurrent single-conversation ``generate``/``stream`` calls on the fast engine share batched decodes.
+
+        A starting batch waits up to ``max_wait_ms`` for requests still being prepared (see ``Batcher``)."""
+        self.batcher = Batcher(self.decoder(), self.special_ids.pad, window_s=window_ms / 1000, max_batch=max_batch,
+                               max_wait_s=max_wait_ms / 1000)
         return self.batcher
 
     def disable_batching(self) -> None:

@@ -23,6 +23,9 @@ from tqdm import tqdm
 
 from .audio import audio_features, chunk_log_mel
 from .config import EurekaConfig
+from .data.synth import read_manifest
+from .data.tasks import transcript
+from .fast_decode import encode_trimmed
 from .inference import EurekaAudio
 from .loading import build_model
 from .prompts import CAPTION_PROMPT, SpecialTokenIds, build_prompt
@@ -45,13 +48,14 @@ class TrainConfig:
     align_steps: int = 300
     sft_steps: int = 1500
     asr_weight: int = 2
+    ctc_weight: float = 0.5
     save_every: int = 200
 
 
 def mini_config(vocab_size: int) -> EurekaConfig:
     """Whisper tiny.en encoder → 8-expert top-2 adapter (+1 shared) → a 4-layer Qwen3 trained from scratch."""
     return EurekaConfig(
-        n_mels=80, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
+        n_mels=80, n_audio_state=384, n_audio_head=6, n_audio_layer=4, encoder_window="trimmed",
         n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=96, expert_out_dim=256,
         aux_loss_weight=0.01,
         backbone={
@@ -100,21 +104,29 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 @torch.inference_mode()
-def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path: Path, batch: int = 8) -> dict:
-    """Stacked encoder outputs per clip ([tokens, 4·384], float16): the frozen encoder runs once per clip."""
+def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path: Path, batch: int = 8,
+                          window: str = "full") -> dict:
+    """Stacked encoder outputs per clip ([tokens, 4·384], float16): the frozen encoder runs once per clip.
+
+    ``window`` must match how the trained model will encode at inference (``EurekaConfig.encoder_window``):
+    "trimmed" uses the very function inference uses, one clip at a time.
+    """
     cache: dict[str, torch.Tensor] = torch.load(cache_path) if cache_path.is_file() else {}
     todo = [c for c in clips if c not in cache]
-    for start in tqdm(range(0, len(todo), batch), desc="encoder cache", unit="batch"):
+    if window == "trimmed":
+        batch = 1
+    for start in tqdm(range(0, len(todo), batch), desc="encoder cache", unit="batch", mininterval=5):
         names = todo[start : start + batch]
         features = [audio_features(data_dir / name, 80) for name in names]
-        chunks = [chunk_log_mel(f.log_mel) for f in features]
-        frames = encoder(torch.cat(chunks))
-        offset = 0
-        for name, feature, chunk in zip(names, features, chunks, strict=True):
-            stacked = frames[offset : offset + chunk.shape[0]].reshape(-1, 4 * frames.shape[-1])
+        if window == "trimmed":
+            frames = [encode_trimmed(encoder, f.log_mel) for f in features]
+        else:
+            chunks = [chunk_log_mel(f.log_mel) for f in features]
+            frames = encoder(torch.cat(chunks)).split([c.shape[0] for c in chunks])
+        for name, feature, clip_frames in zip(names, features, frames, strict=True):
+            stacked = clip_frames.reshape(-1, 4 * clip_frames.shape[-1])
             cache[name] = stacked[: feature.n_tokens].to(torch.float16).clone()
-            offset += chunk.shape[0]
-        if start // batch % 25 == 24:
+        if start // batch % 1000 == 999:
             torch.save(cache, cache_path)
     torch.save(cache, cache_path)
     return cache
@@ -142,6 +154,14 @@ def text_example(text: str, tokenizer, ids: SpecialTokenIds) -> Example:
     return Example(tokens, tokens, [])
 
 
+def spoken_tokens(data_dir: Path, tokenizer) -> dict[str, list[int]]:
+    """Clip path → token ids of what is said in it (empty for clips without speech): the CTC targets."""
+    manifest = data_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        return {}
+    return {meta["audio"]: encode_plain_text(tokenizer, transcript(meta)) for meta in read_manifest(manifest)}
+
+
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, labels (−100 on padding) and attention mask."""
     width = max(len(e.input_ids) for e in examples)
@@ -157,8 +177,39 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 # --- training ----------------------------------------------------------------------------------------------------
-def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds) -> tuple[torch.Tensor, dict]:
-    """Next-token loss on answers, plus λ·L_aux from the adapter when the batch has audio."""
+class CTCHead(torch.nn.Module):
+    """Training-only auxiliary head: CTC over the adapter's outputs (blank = ``<|endoftext|>``).
+
+    Why: a backbone trained from scratch learns to read words out of 80 ms audio tokens slowly from the next-token
+    loss alone (it first learns the sentence templates and guesses the slot words). A CTC loss asks every adapter
+    output to say which word is being spoken there, so word identity is linearly present in the audio embeddings
+    from the alignment stage on, and decoding becomes copying. The head is not part of the shipped checkpoint.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, blank_id: int):
+        super().__init__()
+        self.blank_id = blank_id
+        self.proj = torch.nn.Linear(hidden_size, vocab_size, bias=False)
+
+    def forward(self, audio_embeds: torch.Tensor, lengths: list[int], targets: list[list[int]]) -> torch.Tensor:
+        log_probs = self.proj(audio_embeds).float().log_softmax(-1)
+        per_clip = torch.nn.utils.rnn.pad_sequence(list(log_probs.split(lengths)))  # [T, clips, vocab]
+        flat_targets = torch.tensor([t for target in targets for t in target], dtype=torch.long)
+        return torch.nn.functional.ctc_loss(
+            per_clip, flat_targets, torch.tensor(lengths), torch.tensor([len(t) for t in targets]),
+            blank=self.blank_id, zero_infinity=True)
+
+    @torch.no_grad()
+    def greedy(self, audio_embeds: torch.Tensor) -> list[int]:
+        """Best path: argmax per token, repeats merged, blanks dropped."""
+        best = self.proj(audio_embeds).argmax(-1).tolist()
+        return [t for i, t in enumerate(best) if t != self.blank_id and (i == 0 or best[i - 1] != t)]
+
+
+def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
+              ctc: CTCHead | None = None, spoken: dict[str, list[int]] | None = None,
+              ctc_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Next-token loss on answers, plus λ·L_aux from the adapter and the CTC term when the batch has audio."""
     input_ids, labels, mask = collate(examples, ids.pad)
     audio_names = [a for e in examples for a in e.audio]
     audio_embeds, aux = None, None
@@ -173,6 +224,13 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds)
     if aux is not None:
         loss = loss + model.config.aux_loss_weight * aux
         stats["aux_loss"] = float(aux.detach())
+    known = [i for i, a in enumerate(audio_names) if spoken and a in spoken]  # clips with a known transcript
+    if known and ctc is not None and ctc_weight > 0:
+        per_clip = audio_embeds.split([cache[a].shape[0] for a in audio_names])
+        ctc_loss = ctc(torch.cat([per_clip[i] for i in known]), [per_clip[i].shape[0] for i in known],
+                       [spoken[audio_names[i]] for i in known])
+        loss = loss + ctc_weight * ctc_loss
+        stats["ctc_loss"] = float(ctc_loss.detach())
     return loss, stats
 
 
@@ -184,7 +242,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def run_stage(name: str, model, params, batches, total: int, cache: dict, ids: SpecialTokenIds,
-              cfg: TrainConfig, out: Path, state: dict) -> None:
+              cfg: TrainConfig, out: Path, state: dict, ctc: CTCHead | None = None,
+              spoken: dict[str, list[int]] | None = None) -> None:
     """One stage: AdamW over ``params``; resumes from ``state`` if it stopped inside this stage."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = state.get("step", 0) if state.get("stage") == name else 0
@@ -196,7 +255,7 @@ def run_stage(name: str, model, params, batches, total: int, cache: dict, ids: S
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg)
-        loss, stats = step_loss(model, batches(step), cache, ids)
+        loss, stats = step_loss(model, batches(step), cache, ids, ctc, spoken, cfg.ctc_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -204,17 +263,18 @@ def run_stage(name: str, model, params, batches, total: int, cache: dict, ids: S
         progress.set_postfix(loss=f"{stats['lm_loss']:.3f}")
         log.write(json.dumps({"stage": name, "step": step, "lr": lr_at(step, total, cfg), **stats}) + "\n")
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()})
+            save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()}, ctc)
     log.close()
     model.eval()
-    save_state(out, model, {"stage": name, "step": total})
+    save_state(out, model, {"stage": name, "step": total}, ctc)
 
 
 STAGES = ("pretrain", "align", "sft")
 
 
-def save_state(out: Path, model, state: dict) -> None:
-    state = {**state, "model": model.state_dict(), "torch_rng": torch.get_rng_state()}
+def save_state(out: Path, model, state: dict, ctc: CTCHead | None = None) -> None:
+    state = {**state, "model": model.state_dict(), "torch_rng": torch.get_rng_state(),
+             "ctc": ctc.state_dict() if ctc is not None else None}
     torch.save(state, out / "resume.pt.tmp")
     (out / "resume.pt.tmp").replace(out / "resume.pt")
 
@@ -272,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
 
     clips = sorted({a for r in records for a in record_audio(r)})
     model.audio_encoder.eval()
-    cache = cache_encoder_outputs(model.audio_encoder, args.data, clips, args.out / "encoder_cache.pt")
+    window = model.config.encoder_window
+    cache = cache_encoder_outputs(model.audio_encoder, args.data, clips, args.out / f"encoder_cache_{window}.pt",
+                                  window=window)
+    spoken = spoken_tokens(args.data, tokenizer)
+    ctc = CTCHead(model.config.hidden_size, len(tokenizer), ids.pad)
+    if state.get("ctc"):
+        ctc.load_state_dict(state["ctc"])
     audio_examples = [make_example(r, tokenizer, ids, cache) for r in records]
     text_examples = [text_example(t, tokenizer, ids) for t in sorted(set(corpus_text(records)))]
 
@@ -280,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     asr_examples = [e for e, r in zip(audio_examples, records, strict=True) if r["task"] == "asr"]
     plan = [
         ("pretrain", list(model.backbone.parameters()), text_examples, cfg.pretrain_steps),
-        ("align", list(model.adapter.parameters()),
+        ("align", list(model.adapter.parameters()) + list(ctc.parameters()),
          [e for e, r in zip(audio_examples, records, strict=True) if r["task"] in ("asr", "caption")], cfg.align_steps),
-        ("sft", list(model.adapter.parameters()) + list(model.backbone.parameters()),
+        ("sft", list(model.adapter.parameters()) + list(ctc.parameters()) + list(model.backbone.parameters()),
          audio_examples + asr_examples * (cfg.asr_weight - 1), cfg.sft_steps),
     ]
     # A stage is finished when its saved step reached the steps asked for now, so a run can also be extended.
@@ -297,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in params:
             p.requires_grad_(True)
         run_stage(name, model, params, sampler(examples, cfg.batch_size, cfg.seed, name), steps, cache, ids, cfg,
-                  args.out, state)
+                  args.out, state, ctc, spoken)
         state = {}
 
     minutes = (time.perf_counter() - started) / 60

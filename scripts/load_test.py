@@ -40,20 +40,42 @@ QUESTION = "What do you hear in this clip?"
 
 
 def make_clips(folder: Path, count: int) -> list[Path]:
-    """``count`` distinct, deterministic clips (2–4 s; different pitch, noise and length each)."""
+    """``count`` distinct, deterministic clips: held-out synthetic speech, each a different sentence and voice.
+
+    Distinct sentences are what make "every user gets the answer for their own clip" checkable on /asr. Without
+    espeak-ng (installed by scripts/setup.sh) the clips are distinct modulated tones instead.
+    """
+    from model.data.synth import espeak_available, generate_clip, write_wav
+    from model.data.tasks import transcript
+
     folder.mkdir(parents=True, exist_ok=True)
-    clips = []
-    for index in range(count):
-        rng = np.random.default_rng(1000 + index)
-        seconds = 2.0 + 0.1 * (index % 20)
-        t = np.arange(int(seconds * SR)) / SR
-        pitch = 180.0 + 57.0 * index
-        signal = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * (1 + index % 5) * t))
-        signal += 0.05 * rng.standard_normal(len(t))
-        path = folder / f"user{index:02d}.wav"
-        sf.write(path, signal.astype(np.float32), SR, subtype="PCM_16")
+    if not espeak_available():
+        return [_tone_clip(folder / f"user{index:02d}.wav", index) for index in range(count)]
+    clips, sentences = [], set()
+    for index in range(10 * count):
+        audio, meta = generate_clip(index, "test", seed=0)
+        sentence = transcript(meta)
+        if not sentence or sentence in sentences:
+            continue
+        sentences.add(sentence)
+        path = folder / f"user{len(clips):02d}.wav"
+        write_wav(path, audio)
         clips.append(path)
-    return clips
+        if len(clips) == count:
+            return clips
+    raise RuntimeError(f"only {len(clips)} distinct speech clips in the first {10 * count} test clips")
+
+
+def _tone_clip(path: Path, index: int) -> Path:
+    """2–4 s of a modulated tone with noise; pitch, modulation and length differ with ``index``."""
+    rng = np.random.default_rng(1000 + index)
+    seconds = 2.0 + 0.1 * (index % 20)
+    t = np.arange(int(seconds * SR)) / SR
+    pitch = 180.0 + 57.0 * index
+    signal = 0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * (1 + index % 5) * t))
+    signal += 0.05 * rng.standard_normal(len(t))
+    sf.write(path, signal.astype(np.float32), SR, subtype="PCM_16")
+    return path
 
 
 def reference_answers(model_source: str, clips: list[Path], api: str, max_new_tokens: int) -> list[str]:

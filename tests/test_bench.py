@@ -29,7 +29,7 @@ def test_every_benchmark_runs_once_on_tiny_random(tmp_path: Path) -> None:
     assert set(tiny["ttft"]) == {"2s", "4s"} and tiny["trim"]["4s"]["engines"]["fast"]["ttft_s"]["mean"] > 0
     assert tiny["cache"]["second_question_speedup"] > 0
     concurrency = tiny["concurrency"]["configs"]
-    assert set(concurrency) == {"reference", "fast", "fast+batching"}
+    assert set(concurrency) == {"reference", "fast", "fast+batching", "fast+batching+trim"}
     assert concurrency["fast+batching"]["2"]["tokens"] == 2 * 8 and concurrency["fast+batching"]["2"]["batch_sizes"]
     assert tiny["int8"]["decode"]["engines"]["fast"]["tokens_per_s"]["mean"] > 0
     assert tiny["int8"]["drift_vs_float"]["logits_max_rel_diff"][0] < 0.1

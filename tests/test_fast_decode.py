@@ -15,7 +15,15 @@ from model.audio import chunk_log_mel
 from model.fast_decode import EncoderCache, clip_key, encode_trimmed, logits_processors
 from model.inference import GenerationSettings
 from model.loading import MINI_DIR
-from model.quantize import Int8Linear, quantize_int8
+from model.quantize import (
+    Int8Linear,
+    backbone_weight_bytes,
+    gemv_bf16,
+    kernel_library,
+    quantize_int8,
+    set_weight_layout,
+    weight_layout,
+)
 
 
 def clip(seconds: float, freq: float = 440.0):
@@ -156,6 +164,36 @@ def test_batched_requests_equal_single_requests(fresh) -> None:
     assert batcher.idle  # the runner thread exits when there is no work
 
 
+def test_a_starting_batch_waits_for_requests_still_being_prepared(fresh) -> None:
+    """Concurrent users finish preparing at different times; an announced request joins the batch instead of
+    waiting for all of it. The wait is bounded by ``max_wait_ms`` when an announced request never arrives."""
+    singles = [fresh.generate(c, max_new_tokens=12) for c in CONVERSATIONS[:2]]
+    batcher = fresh.enable_batching(window_ms=1, max_batch=8, max_wait_ms=60_000)
+    results: dict[int, str] = {}
+
+    def call(i: int) -> None:
+        results[i] = fresh.generate(CONVERSATIONS[i], max_new_tokens=12)
+
+    first, second = (threading.Thread(target=call, args=(i,)) for i in range(2))
+    with batcher.preparing():  # a third user still preparing holds the first request's batch
+        first.start()
+        time.sleep(0.5)
+        assert first.is_alive() and batcher.batch_sizes == []
+        second.start()
+        deadline = time.time() + 30
+        while len(batcher._pending) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    first.join(30), second.join(30)
+    assert [results[0], results[1]] == singles and batcher.batch_sizes == [2]
+
+    batcher.max_wait_s = 0.2
+    with batcher.preparing():  # announced but never submitted: the batch starts after max_wait anyway
+        started = time.time()
+        assert fresh.generate(CONVERSATIONS[0], max_new_tokens=12) == singles[0]
+        assert time.time() - started < 20
+    assert batcher.batch_sizes == [2, 1]
+
+
 def test_batched_rows_keep_their_own_limits_and_settings(fresh) -> None:
     expected = [fresh.generate(c, max_new_tokens=n) for c, n in zip(CONVERSATIONS, (5, 17, 40, 9), strict=True)]
     sampled = fresh.generate(CONVERSATIONS[1], max_new_tokens=12, temperature=0.9, seed=4)
@@ -284,9 +322,68 @@ def test_trimmed_encoder_is_opt_in_and_keeps_shapes(fresh) -> None:
     torch.testing.assert_close(out[:1500], whole[0])  # the first, complete 30 s chunk is untouched
 
 
+def test_a_model_trained_on_trimmed_windows_encodes_that_way_after_a_round_trip(tmp_path) -> None:
+    """``encoder_window`` is part of the checkpoint's config: Eureka-mini (trained on trimmed windows) is run the
+    way it was trained, without anyone setting ``trim_encoder``."""
+    model = load_model("tiny-random")
+    model.model.config.encoder_window = "trimmed"
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = load_model(tmp_path / "ckpt")
+    assert reloaded.config.encoder_window == "trimmed" and reloaded.trim_encoder is True
+    messages = task_messages("caption", clip(7.3))
+    expected = load_model(tmp_path / "ckpt")
+    expected.trim_encoder = False
+    assert not torch.equal(reloaded.prepare([messages]).inputs_embeds, expected.prepare([messages]).inputs_embeds)
+    assert load_model("tiny-random").trim_encoder is False  # the official layout stays full-window
+
+
 # --- compiled decode step -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_compiled_engine_gives_the_same_tokens(fresh) -> None:
     settings = GenerationSettings(max_new_tokens=20)
     for messages in CONVERSATIONS[:2]:
         assert new_ids(fresh, messages, settings, "compiled") == new_ids(fresh, messages, settings, "reference")
+
+
+# --- CPU weight layouts and the decode kernel ----------------------------------------------------------------------
+needs_kernel = pytest.mark.skipif(kernel_library() is None, reason="no AVX512-BF16 CPU or no C compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n,k", [(1, 64, 64), (3, 130, 100), (8, 96, 2048), (5, 7, 33)])
+def test_decode_kernel_matches_linear(rows: int, n: int, k: int) -> None:
+    torch.manual_seed(rows)
+    w, x, b = torch.randn(n, k).bfloat16(), torch.randn(rows, k).bfloat16(), torch.randn(n).bfloat16()
+    ours, theirs = gemv_bf16(x, w, b).float(), torch.nn.functional.linear(x, w, b).float()
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
+    # both round an fp32 accumulation to bf16; they may differ by one bf16 step where the order of sums differs
+    assert float((ours - exact).abs().max()) <= 1.01 * float((theirs - exact).abs().max()) + 1e-2
+    assert float((ours != theirs).float().mean()) < 0.01
+
+
+def test_weight_layouts_switch_in_place_without_changing_values() -> None:
+    model = load_model("tiny-random", dtype="bfloat16")
+    backbone = model.model.backbone
+    prepared = model.prepare([CONVERSATIONS[1]])
+    before = backbone_weight_bytes(backbone)
+    logits = {}
+    for layout in ("plain", "onednn", "kernel", "plain"):
+        got = set_weight_layout(backbone, layout)
+        assert weight_layout(backbone) == got
+        assert backbone_weight_bytes(backbone) == before
+        with torch.inference_mode():
+            logits[layout] = backbone(inputs_embeds=prepared.inputs_embeds).logits  # prefill: dense path
+    assert all(torch.equal(logits["plain"], v) for v in logits.values())
+    assert backbone.get_output_embeddings().weight is backbone.get_input_embeddings().weight  # tie kept
+
+
+def test_fast_engine_switches_bf16_layout_and_compiled_refuses_it() -> None:
+    model = load_model("tiny-random", dtype="bfloat16")
+    assert weight_layout(model.model.backbone) == "plain"
+    model.generate(CONVERSATIONS[0], max_new_tokens=8)
+    assert weight_layout(model.model.backbone) == ("kernel" if kernel_library() is not None else "onednn")
+    with pytest.raises(ValueError, match="compiled engine"):
+        model.generate(CONVERSATIONS[0], max_new_tokens=4, engine="compiled")
+    fp32 = load_model("tiny-random")
+    fp32.generate(CONVERSATIONS[0], max_new_tokens=4)
+    assert weight_layout(fp32.model.backbone) == "plain"  # fp32 already runs MKL's GEMV at full speed

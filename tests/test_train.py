@@ -14,11 +14,13 @@ from model.data.tasks import to_chat_records
 from model.loading import build_model
 from model.prompts import SpecialTokenIds
 from model.train import (
+    CTCHead,
     cache_encoder_outputs,
     corpus_text,
     main,
     make_example,
     record_audio,
+    spoken_tokens,
     step_loss,
     train_tokenizer,
 )
@@ -66,6 +68,44 @@ def test_three_steps_lower_the_loss(dataset: Path) -> None:
         losses.append(stats["lm_loss"])
         assert "aux_loss" in stats
     assert losses[2] < losses[0]
+
+
+def test_ctc_term_trains_the_adapter_on_spoken_words(dataset: Path) -> None:
+    """The CTC head reads each clip's own transcript; its loss falls and it adds to the training loss."""
+    from model.inference import EurekaAudio
+    from model.train import read_records
+
+    torch.manual_seed(0)
+    records = read_records(dataset, "train")
+    tokenizer = train_tokenizer(corpus_text(records), 400)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    model = build_model(tiny_random_config(vocab_size=len(tokenizer)))
+    model.audio_encoder.eval()
+    clips = sorted({a for r in records for a in record_audio(r)})
+    cache = cache_encoder_outputs(model.audio_encoder, dataset, clips, dataset / "cache-trim.pt", window="trimmed")
+    # the trimmed cache holds exactly what inference computes for the same clip
+    model.config.encoder_window = "trimmed"
+    runner = EurekaAudio(model, tokenizer)
+    from model.audio import audio_features
+    expected = runner._encoder_output([audio_features(dataset / clips[0], 80)])
+    assert torch.allclose(cache[clips[0]].float(), expected.float(), atol=2e-3)
+
+    spoken = spoken_tokens(dataset, tokenizer)
+    assert any(spoken[c] for c in clips) and all(c in spoken for c in clips)
+    ctc = CTCHead(model.config.hidden_size, len(tokenizer), ids.pad)
+    batch = [make_example(r, tokenizer, ids, cache) for r in records if r["task"] == "asr"][:4]
+    params = list(model.adapter.parameters()) + list(ctc.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    ctc_losses = []
+    for _ in range(5):
+        loss, stats = step_loss(model, batch, cache, ids, ctc, spoken, ctc_weight=1.0)
+        without_ctc, _ = step_loss(model, batch, cache, ids)
+        assert loss.item() > without_ctc.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ctc_losses.append(stats["ctc_loss"])
+    assert ctc_losses[-1] < ctc_losses[0]
 
 
 def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, capsys) -> None:
