@@ -15,11 +15,13 @@ from model.loading import build_model
 from model.prompts import SpecialTokenIds
 from model.train import (
     CTCHead,
+    TraitHead,
     cache_encoder_outputs,
     corpus_text,
     main,
     make_example,
     record_audio,
+    speech_spans,
     spoken_tokens,
     step_loss,
     train_tokenizer,
@@ -122,3 +124,40 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert main(args) == 0
     assert len(open(tmp_path / "run" / "train_log.jsonl").readlines()) == 6
     assert "resuming: stage sft step 2" in capsys.readouterr().out
+
+
+def test_trait_term_reads_each_speech_event_and_trains(dataset: Path) -> None:
+    """Every speech event of the manifest becomes a span with its traits; the trait loss adds to the loss and falls."""
+    from model.data.synth import read_manifest
+    from model.train import TRAITS, read_records
+
+    torch.manual_seed(0)
+    spans = speech_spans(dataset)
+    metas = read_manifest(dataset / "manifest.jsonl")
+    assert sum(len(v) for v in spans.values()) == sum(e["kind"] == "speech" for m in metas for e in m["events"])
+    for meta in metas:
+        for (start, end, classes), event in zip(spans[meta["audio"]], [e for e in meta["events"]
+                                                                      if e["kind"] == "speech"], strict=True):
+            assert start < end and abs(start * 0.08 - event["start_s"]) < 0.08
+            assert TRAITS["accent"][classes["accent"]] == event["accent"]
+    records = read_records(dataset, "train")
+    tokenizer = train_tokenizer(corpus_text(records), 400)
+    ids = SpecialTokenIds.from_tokenizer(tokenizer)
+    model = build_model(tiny_random_config(vocab_size=len(tokenizer)))
+    model.audio_encoder.eval()
+    clips = sorted({a for r in records for a in record_audio(r)})
+    cache = cache_encoder_outputs(model.audio_encoder, dataset, clips, dataset / "cache-traits.pt")
+    traits = TraitHead(model.config.hidden_size)
+    batch = [make_example(r, tokenizer, ids, cache) for r in records if r["task"] == "asr"][:4]
+    params = list(model.adapter.parameters()) + list(traits.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    trait_losses = []
+    for _ in range(5):
+        loss, stats = step_loss(model, batch, cache, ids, traits=traits, spans=spans, trait_weight=1.0)
+        without, _ = step_loss(model, batch, cache, ids)
+        assert loss.item() > without.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        trait_losses.append(stats["trait_loss"])
+    assert trait_losses[-1] < trait_losses[0]
