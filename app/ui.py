@@ -98,6 +98,9 @@ def build_demo(
     max_queue_size = max_queue_size or max(1, env_int("EUREKA_MAX_QUEUE", 32))
     ctx = AppContext(loaded=loaded, concurrency_limit=concurrency_limit,
                      gpu_seconds=max(10, env_int("EUREKA_GPU_SECONDS", 120)))
+    if concurrency_limit > 1 and loaded.model.engine == "fast" and loaded.model.batcher is None:
+        # Jobs running at once share decode steps instead of competing for the same cores (docs/performance.md).
+        loaded.model.enable_batching(max_batch=concurrency_limit)
     with gr.Blocks(title="Eureka-Audio Studio") as demo:
         ctx.last_clip = gr.State(None)
         gr.Markdown(header_markdown(loaded), elem_id="header")

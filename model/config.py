@@ -65,6 +65,10 @@ class EurekaConfig:
     # Inputs longer than this are refused before decoding (seconds).
     max_audio_seconds: float = 600.0
 
+    def __post_init__(self) -> None:
+        if self.encoder_window not in ("full", "trimmed"):
+            raise ValueError(f"encoder_window must be 'full' or 'trimmed', not {self.encoder_window!r}")
+
     @property
     def adapter_in_dim(self) -> int:
         """Width of one stacked audio token fed to the adapter."""

@@ -415,12 +415,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # ASR is the hardest task for a model this small: it gets `asr_weight` times its share of SFT batches.
     asr_examples = [e for e, r in zip(audio_examples, records, strict=True) if r["task"] == "asr"]
+    # Training-only heads join the optimiser only when their loss is on (a resumed optimiser state must match).
+    auxiliary = (list(ctc.parameters()) if cfg.ctc_weight > 0 else []) + \
+        (list(traits.parameters()) if cfg.trait_weight > 0 else [])
     plan = [
         ("pretrain", list(model.backbone.parameters()), text_examples, cfg.pretrain_steps),
-        ("align", list(model.adapter.parameters()) + list(ctc.parameters()) + list(traits.parameters()),
+        ("align", list(model.adapter.parameters()) + auxiliary,
          [e for e, r in zip(audio_examples, records, strict=True) if r["task"] in ("asr", "caption")], cfg.align_steps),
-        ("sft", list(model.adapter.parameters()) + list(ctc.parameters()) + list(traits.parameters())
-         + list(model.backbone.parameters()),
+        ("sft", list(model.adapter.parameters()) + auxiliary + list(model.backbone.parameters()),
          audio_examples + asr_examples * (cfg.asr_weight - 1), cfg.sft_steps),
     ]
     # A stage is finished when its saved step reached the steps asked for now, so a run can also be extended.

@@ -382,3 +382,10 @@ def test_blocks_share_one_model_concurrency_group(tiny) -> None:
     chatbots = [b for b in demo.blocks.values() if isinstance(b, gr.Chatbot)]
     assert chatbots and all(not c.render_markdown and c.sanitize_html for c in chatbots)
     assert AppContext(loaded).model_event() == {"concurrency_id": "model", "concurrency_limit": 1}
+    # two jobs at once share batched decode steps; one job at a time needs no batcher
+    try:
+        assert tiny.batcher is not None and tiny.batcher.max_batch == 2
+    finally:
+        tiny.disable_batching()
+    build_demo(loaded, concurrency_limit=1)
+    assert tiny.batcher is None

@@ -12,6 +12,7 @@ from conftest import noise, tone
 
 from model import load_model, task_messages
 from model.audio import chunk_log_mel
+from model.config import EurekaConfig
 from model.fast_decode import EncoderCache, clip_key, encode_trimmed, logits_processors
 from model.inference import GenerationSettings
 from model.loading import MINI_DIR
@@ -335,6 +336,8 @@ def test_a_model_trained_on_trimmed_windows_encodes_that_way_after_a_round_trip(
     expected.trim_encoder = False
     assert not torch.equal(reloaded.prepare([messages]).inputs_embeds, expected.prepare([messages]).inputs_embeds)
     assert load_model("tiny-random").trim_encoder is False  # the official layout stays full-window
+    with pytest.raises(ValueError, match="encoder_window"):
+        EurekaConfig(encoder_window="trim")
 
 
 # --- compiled decode step -----------------------------------------------------------------------------------------
