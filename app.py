@@ -46,11 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.common import load_app_model
+    from app.common import load_app_model, pin_malloc_mmap_threshold
     from app.review import ReviewConfig, auth_options
     from app.ui import build_demo, launch_options
     from model import ModelLoadError
 
+    pin_malloc_mmap_threshold()
     try:
         review_config = ReviewConfig.from_env(args.db)
     except (OSError, ValueError) as exc:  # a malformed $DATAFLUX_REVIEWERS or an unreadable reviewers file

@@ -8,6 +8,7 @@ traceback, and the server keeps serving.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import time
@@ -391,3 +392,24 @@ def show_examples(rows: list[list[Any]], inputs: list[Any], labels: list[str], l
     """``gr.Examples`` for a tab, or nothing when the example clips are missing (a bare checkout still serves)."""
     if rows:
         gr.Examples(rows, inputs=inputs, example_labels=labels, label=label, examples_per_page=10)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def pin_malloc_mmap_threshold(threshold_bytes: int = 128 * 1024) -> bool:
+    """Keep glibc's mmap threshold fixed so a long-running server's memory stays flat. Returns True when set.
+
+    Why: glibc raises the threshold each time a large mmapped block is freed, after which large tensors (KV caches,
+    activations of varying batch sizes) come from the heap and fragment it. Measured with 8 jobs at once sharing
+    batched decodes (600 requests, Eureka-mini): resident memory grew 25 % after warm-up and kept growing; with the
+    threshold pinned, 1.4 % at the same throughput (docs/reliability.md). A ``MALLOC_MMAP_THRESHOLD_`` set by the
+    user wins; elsewhere than glibc this does nothing.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False

@@ -389,3 +389,16 @@ def test_blocks_share_one_model_concurrency_group(tiny) -> None:
         tiny.disable_batching()
     build_demo(loaded, concurrency_limit=1)
     assert tiny.batcher is None
+
+
+def test_malloc_mmap_threshold_is_pinned_unless_the_user_chose_one(monkeypatch) -> None:
+    """Long-running servers keep flat memory (docs/reliability.md); a user's MALLOC_MMAP_THRESHOLD_ wins."""
+    import platform
+
+    from app.common import pin_malloc_mmap_threshold
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if platform.libc_ver()[0] == "glibc":
+        assert pin_malloc_mmap_threshold() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert pin_malloc_mmap_threshold() is False
