@@ -192,19 +192,13 @@ class CTCHead(torch.nn.Module):
         self.blank_id = blank_id
         self.proj = torch.nn.Linear(hidden_size, vocab_size, bias=False)
 
-    def forward(self, audio_embeds: torch.Tensor, lengths: list[int], targets: list[list[int]]) -> torch.Tensor:
-        log_probs = self.proj(audio_embeds).float().log_softmax(-1)
-        per_clip = torch.nn.utils.rnn.pad_sequence(list(log_probs.split(lengths)))  # [T, clips, vocab]
+    def forward(self, clips: list[torch.Tensor], targets: list[list[int]]) -> torch.Tensor:
+        """``clips``: each clip's adapter outputs [tokens, hidden]; ``targets``: each clip's spoken token ids."""
+        log_probs = torch.nn.utils.rnn.pad_sequence([self.proj(c) for c in clips]).float().log_softmax(-1)
         flat_targets = torch.tensor([t for target in targets for t in target], dtype=torch.long)
         return torch.nn.functional.ctc_loss(
-            per_clip, flat_targets, torch.tensor(lengths), torch.tensor([len(t) for t in targets]),
-            blank=self.blank_id, zero_infinity=True)
-
-    @torch.no_grad()
-    def greedy(self, audio_embeds: torch.Tensor) -> list[int]:
-        """Best path: argmax per token, repeats merged, blanks dropped."""
-        best = self.proj(audio_embeds).argmax(-1).tolist()
-        return [t for i, t in enumerate(best) if t != self.blank_id and (i == 0 or best[i - 1] != t)]
+            log_probs, flat_targets, torch.tensor([c.shape[0] for c in clips]),
+            torch.tensor([len(t) for t in targets]), blank=self.blank_id, zero_infinity=True)
 
 
 # Speaker traits a question or caption asks about, with their classes (from the data generator's metadata).
@@ -267,31 +261,29 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
               ctc: CTCHead | None = None, spoken: dict[str, list[int]] | None = None,
               ctc_weight: float = 0.0, traits: TraitHead | None = None, spans: dict | None = None,
               trait_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Next-token loss on answers, plus λ·L_aux from the adapter and the CTC term when the batch has audio."""
+    """Next-token loss on answers, plus λ·L_aux from the adapter, and the CTC and trait terms when they are on."""
     input_ids, labels, mask = collate(examples, ids.pad)
     audio_names = [a for e in examples for a in e.audio]
-    audio_embeds, aux = None, None
+    audio_embeds, routing = None, None
     if audio_names:
-        stacked = torch.cat([cache[a] for a in audio_names]).float()
-        audio_embeds, routing = model.adapter(stacked)
-        aux = routing.aux_loss
+        audio_embeds, routing = model.adapter(torch.cat([cache[a] for a in audio_names]).float())
     inputs_embeds = model.embed(input_ids, audio_embeds, ids.audio_pad)
     output = model.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels)
     loss = output.loss
     stats = {"lm_loss": float(output.loss.detach())}
-    if aux is not None:
-        loss = loss + model.config.aux_loss_weight * aux
-        stats["aux_loss"] = float(aux.detach())
+    if routing is not None:
+        loss = loss + model.config.aux_loss_weight * routing.aux_loss
+        stats["aux_loss"] = float(routing.aux_loss.detach())
+    if not audio_names:
+        return loss, stats
+    per_clip = list(audio_embeds.split([cache[a].shape[0] for a in audio_names]))
     known = [i for i, a in enumerate(audio_names) if spoken and a in spoken]  # clips with a known transcript
     if known and ctc is not None and ctc_weight > 0:
-        per_clip = audio_embeds.split([cache[a].shape[0] for a in audio_names])
-        ctc_loss = ctc(torch.cat([per_clip[i] for i in known]), [per_clip[i].shape[0] for i in known],
-                       [spoken[audio_names[i]] for i in known])
+        ctc_loss = ctc([per_clip[i] for i in known], [spoken[audio_names[i]] for i in known])
         loss = loss + ctc_weight * ctc_loss
         stats["ctc_loss"] = float(ctc_loss.detach())
-    if audio_names and traits is not None and trait_weight > 0:
-        per_clip = audio_embeds.split([cache[a].shape[0] for a in audio_names])
-        if (traits_loss := trait_loss(traits, list(per_clip), audio_names, spans or {})) is not None:
+    if traits is not None and trait_weight > 0:
+        if (traits_loss := trait_loss(traits, per_clip, audio_names, spans or {})) is not None:
             loss = loss + trait_weight * traits_loss
             stats["trait_loss"] = float(traits_loss.detach())
     return loss, stats

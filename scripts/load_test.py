@@ -49,6 +49,8 @@ def make_clips(folder: Path, count: int) -> list[Path]:
     from model.data.tasks import transcript
 
     folder.mkdir(parents=True, exist_ok=True)
+    if count < 1:
+        return []
     if not espeak_available():
         return [_tone_clip(folder / f"user{index:02d}.wav", index) for index in range(count)]
     clips, sentences = [], set()

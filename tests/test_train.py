@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,24 +47,57 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-def test_three_steps_lower_the_loss(dataset: Path) -> None:
+@dataclass
+class TinySetup:
+    """What a few training steps on the test dataset need: records, tokenizer, a tiny model and its encoder cache."""
+
+    records: list
+    tokenizer: object
+    ids: SpecialTokenIds
+    model: torch.nn.Module
+    clips: list[str]
+    cache: dict
+
+
+def tiny_setup(dataset: Path, cache_name: str, window: str = "full") -> TinySetup:
     from model.train import read_records
 
     torch.manual_seed(0)
     records = read_records(dataset, "train")
     tokenizer = train_tokenizer(corpus_text(records), 400)
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
     model = build_model(tiny_random_config(vocab_size=len(tokenizer)))
     model.audio_encoder.eval()
     clips = sorted({a for r in records for a in record_audio(r)})
-    cache = cache_encoder_outputs(model.audio_encoder, dataset, clips, dataset / "cache-tiny.pt")
-    batch = [make_example(r, tokenizer, ids, cache) for r in records[:8]]
+    cache = cache_encoder_outputs(model.audio_encoder, dataset, clips, dataset / cache_name, window=window)
+    return TinySetup(records, tokenizer, SpecialTokenIds.from_tokenizer(tokenizer), model, clips, cache)
+
+
+def auxiliary_term_losses(setup: TinySetup, head: torch.nn.Module, stat: str, **terms) -> list[float]:
+    """Five steps on ASR examples with an auxiliary term on: it must add to the loss each step; its values."""
+    batch = [make_example(r, setup.tokenizer, setup.ids, setup.cache) for r in setup.records if r["task"] == "asr"][:4]
+    optimizer = torch.optim.AdamW(list(setup.model.adapter.parameters()) + list(head.parameters()), lr=3e-3)
+    values = []
+    for _ in range(5):
+        loss, stats = step_loss(setup.model, batch, setup.cache, setup.ids, **terms)
+        without, _ = step_loss(setup.model, batch, setup.cache, setup.ids)
+        assert loss.item() > without.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        values.append(stats[stat])
+    return values
+
+
+def test_three_steps_lower_the_loss(dataset: Path) -> None:
+    setup = tiny_setup(dataset, "cache-tiny.pt")
+    model = setup.model
+    batch = [make_example(r, setup.tokenizer, setup.ids, setup.cache) for r in setup.records[:8]]
     params = list(model.adapter.parameters()) + list(model.backbone.parameters())
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     losses = []
     model.train()
     for _ in range(3):
-        loss, stats = step_loss(model, batch, cache, ids)
+        loss, stats = step_loss(model, batch, setup.cache, setup.ids)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -74,39 +108,19 @@ def test_three_steps_lower_the_loss(dataset: Path) -> None:
 
 def test_ctc_term_trains_the_adapter_on_spoken_words(dataset: Path) -> None:
     """The CTC head reads each clip's own transcript; its loss falls and it adds to the training loss."""
-    from model.inference import EurekaAudio
-    from model.train import read_records
-
-    torch.manual_seed(0)
-    records = read_records(dataset, "train")
-    tokenizer = train_tokenizer(corpus_text(records), 400)
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    model = build_model(tiny_random_config(vocab_size=len(tokenizer)))
-    model.audio_encoder.eval()
-    clips = sorted({a for r in records for a in record_audio(r)})
-    cache = cache_encoder_outputs(model.audio_encoder, dataset, clips, dataset / "cache-trim.pt", window="trimmed")
-    # the trimmed cache holds exactly what inference computes for the same clip
-    model.config.encoder_window = "trimmed"
-    runner = EurekaAudio(model, tokenizer)
     from model.audio import audio_features
-    expected = runner._encoder_output([audio_features(dataset / clips[0], 80)])
-    assert torch.allclose(cache[clips[0]].float(), expected.float(), atol=2e-3)
+    from model.inference import EurekaAudio
 
-    spoken = spoken_tokens(dataset, tokenizer)
-    assert any(spoken[c] for c in clips) and all(c in spoken for c in clips)
-    ctc = CTCHead(model.config.hidden_size, len(tokenizer), ids.pad)
-    batch = [make_example(r, tokenizer, ids, cache) for r in records if r["task"] == "asr"][:4]
-    params = list(model.adapter.parameters()) + list(ctc.parameters())
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    ctc_losses = []
-    for _ in range(5):
-        loss, stats = step_loss(model, batch, cache, ids, ctc, spoken, ctc_weight=1.0)
-        without_ctc, _ = step_loss(model, batch, cache, ids)
-        assert loss.item() > without_ctc.item()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ctc_losses.append(stats["ctc_loss"])
+    setup = tiny_setup(dataset, "cache-trim.pt", window="trimmed")
+    # the trimmed cache holds exactly what inference computes for the same clip
+    setup.model.config.encoder_window = "trimmed"
+    expected = EurekaAudio(setup.model, setup.tokenizer)._encoder_output([audio_features(dataset / setup.clips[0], 80)])
+    assert torch.allclose(setup.cache[setup.clips[0]].float(), expected.float(), atol=2e-3)
+
+    spoken = spoken_tokens(dataset, setup.tokenizer)
+    assert any(spoken[c] for c in setup.clips) and all(c in spoken for c in setup.clips)
+    ctc = CTCHead(setup.model.config.hidden_size, len(setup.tokenizer), setup.ids.pad)
+    ctc_losses = auxiliary_term_losses(setup, ctc, "ctc_loss", ctc=ctc, spoken=spoken, ctc_weight=1.0)
     assert ctc_losses[-1] < ctc_losses[0]
 
 
@@ -129,9 +143,8 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
 def test_trait_term_reads_each_speech_event_and_trains(dataset: Path) -> None:
     """Every speech event of the manifest becomes a span with its traits; the trait loss adds to the loss and falls."""
     from model.data.synth import read_manifest
-    from model.train import TRAITS, read_records
+    from model.train import TRAITS
 
-    torch.manual_seed(0)
     spans = speech_spans(dataset)
     metas = read_manifest(dataset / "manifest.jsonl")
     assert sum(len(v) for v in spans.values()) == sum(e["kind"] == "speech" for m in metas for e in m["events"])
@@ -140,24 +153,7 @@ def test_trait_term_reads_each_speech_event_and_trains(dataset: Path) -> None:
                                                                       if e["kind"] == "speech"], strict=True):
             assert start < end and abs(start * 0.08 - event["start_s"]) < 0.08
             assert TRAITS["accent"][classes["accent"]] == event["accent"]
-    records = read_records(dataset, "train")
-    tokenizer = train_tokenizer(corpus_text(records), 400)
-    ids = SpecialTokenIds.from_tokenizer(tokenizer)
-    model = build_model(tiny_random_config(vocab_size=len(tokenizer)))
-    model.audio_encoder.eval()
-    clips = sorted({a for r in records for a in record_audio(r)})
-    cache = cache_encoder_outputs(model.audio_encoder, dataset, clips, dataset / "cache-traits.pt")
-    traits = TraitHead(model.config.hidden_size)
-    batch = [make_example(r, tokenizer, ids, cache) for r in records if r["task"] == "asr"][:4]
-    params = list(model.adapter.parameters()) + list(traits.parameters())
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    trait_losses = []
-    for _ in range(5):
-        loss, stats = step_loss(model, batch, cache, ids, traits=traits, spans=spans, trait_weight=1.0)
-        without, _ = step_loss(model, batch, cache, ids)
-        assert loss.item() > without.item()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        trait_losses.append(stats["trait_loss"])
+    setup = tiny_setup(dataset, "cache-traits.pt")
+    traits = TraitHead(setup.model.config.hidden_size)
+    trait_losses = auxiliary_term_losses(setup, traits, "trait_loss", traits=traits, spans=spans, trait_weight=1.0)
     assert trait_losses[-1] < trait_losses[0]
