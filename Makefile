@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint screenshots clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt scripts/setup.sh
 	./scripts/setup.sh
@@ -20,6 +20,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Refresh docs/screenshots/ (the README's pictures) from the browser tests.
+screenshots: $(STAMP)
+	UPDATE_SCREENSHOTS=1 $(PY) -m pytest tests/test_app_browser.py tests/test_review_browser.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

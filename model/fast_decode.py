@@ -11,6 +11,8 @@ here keeps what matters and drops the rest:
   the attention layers (the model's mask builder is skipped);
 * transformers' own ``LogitsProcessor`` classes, in the order ``generate()`` applies them, so greedy and sampled
   tokens are the ones the reference path produces (same processors, same ``torch.multinomial`` draw);
+* for small Qwen3 backbones, :class:`FusedQwen3Step`: the same decode step in about half the tensor operations
+  (a 10 MB model spends most of a step in per-operation overhead, not in reading weights);
 * optionally a ``torch.compile``-d decode step (measured in ``docs/performance.md``).
 
 The audio side: :class:`EncoderCache` keeps encoder outputs per clip content (multi-turn QA and the routing view ask
@@ -78,6 +80,108 @@ def supports_fast_decode(backbone: PreTrainedModel) -> bool:
 LAYER_WALK_MODEL_TYPES = {"qwen3", "qwen2", "llama", "mistral"}
 
 
+# A fused step keeps concatenated copies of the q/k/v and gate/up weights; above this many bytes of linear weights a
+# model's decode is bound by reading them (the official model: 3.4 GB), so the copy would cost memory for nothing.
+FUSED_STEP_MAX_BYTES = 256 * 2**20
+
+
+def _fused_linears(backbone: PreTrainedModel) -> list[torch.nn.Module]:
+    return [m for layer in backbone.model.layers for m in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+
+
+def supports_fused_step(backbone: PreTrainedModel) -> bool:
+    """A Qwen3 with default RoPE, SiLU MLPs and plain bias-free ``nn.Linear`` weights (no kernel or int8 layout)."""
+    config = backbone.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    if (config.model_type != "qwen3" or not supports_fast_decode(backbone) or config.hidden_act != "silu"
+            or rope.get("rope_type", "default") != "default"):
+        return False
+    linears = _fused_linears(backbone)
+    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears) and \
+        sum(m.weight.nbytes for m in linears) <= FUSED_STEP_MAX_BYTES
+
+
+class FusedQwen3Step:
+    """One Qwen3 decode step (one new token per row) in about half the tensor operations of the model's modules.
+
+    Why: Eureka-mini's backbone is 10 MB; a decode step through its modules is ~100 small PyTorch calls per layer,
+    each a few microseconds, so the step costs several times the weight reads. Here q/k/v and gate/up are one matmul
+    each (concatenated weights, built once), q and k are normalised and rotated together, RoPE's cos/sin come from
+    a table, and the new key/value go straight into the ``StaticCache`` slot. The arithmetic is the model's: the
+    same RMSNorm in float32, the same rotation, SDPA with grouped heads; greedy tokens equal the module path's
+    (tests/test_fast_decode.py). The weights are snapshotted: rebuild the decoder after changing them.
+    """
+
+    def __init__(self, backbone: PreTrainedModel):
+        config, inner = backbone.config, backbone.model
+        self.lm_head, self.embed_tokens, self.rotary_emb = backbone.lm_head, inner.embed_tokens, inner.rotary_emb
+        self.final_norm = inner.norm.weight
+        self.eps = config.rms_norm_eps
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.intermediate = config.intermediate_size
+        self.layers = []
+        with torch.no_grad():
+            for layer in inner.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                qk_norm = [attn.q_norm.weight.expand(self.n_heads, -1), attn.k_norm.weight.expand(self.n_kv_heads, -1)]
+                self.layers.append((
+                    layer.input_layernorm.weight,
+                    torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    torch.cat(qk_norm),
+                    attn.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    mlp.down_proj.weight,
+                ))
+            # The rotary module's own cos/sin for every position; sin's first half negated so that
+            # rotate_half(x) * sin == x.roll(half) * signed_sin, exactly.
+            dtype = self.final_norm.dtype
+            positions = torch.arange(2 * config.max_position_embeddings, device=self.final_norm.device)[None]
+            cos, sin = self.rotary_emb(torch.zeros(1, 1, dtype=dtype, device=positions.device), positions)
+            self.cos, self.signed_sin = cos[0], sin[0].clone()
+            self.signed_sin[:, : self.head_dim // 2] *= -1
+
+    def norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Qwen3RMSNorm's arithmetic: float32 statistics, cast back, then the weight."""
+        as_float = hidden.float()
+        normed = as_float * torch.rsqrt(as_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * normed.to(hidden.dtype)
+
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: StaticCache
+    ) -> torch.Tensor:
+        batch, n_qk, head_dim = input_ids.shape[0], self.n_heads + self.n_kv_heads, self.head_dim
+        hidden = self.embed_tokens(input_ids)
+        if int(position_ids.max()) < self.cos.shape[0]:
+            cos, sin = self.cos[position_ids], self.signed_sin[position_ids]  # [batch, 1, head_dim]
+        else:  # past the table: the module's own (unsigned) sin, applied with rotate_half's sign below
+            cos, sin = self.rotary_emb(hidden, position_ids)
+            sin = torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2 :]], -1)
+        slot = int(cache.layers[0].cumulative_length)
+        for (in_norm, qkv, qk_norm, out_proj, post_norm, gate_up, down), kv in zip(self.layers, cache.layers,
+                                                                                 strict=True):
+            qk, value = F.linear(self.norm(hidden, in_norm), qkv).split(
+                [n_qk * head_dim, self.n_kv_heads * head_dim], -1)
+            qk = self.norm(qk.view(batch, n_qk, head_dim), qk_norm)
+            qk = qk * cos + qk.roll(head_dim // 2, -1) * sin
+            query, key = qk.split([self.n_heads, self.n_kv_heads], 1)
+            value = value.view(batch, self.n_kv_heads, head_dim)
+            if not kv.is_initialized:  # a cache no prefill has written to yet
+                kv.lazy_initialization(key[:, :, None], value[:, :, None])
+            kv.keys[:, :, slot] = key
+            kv.values[:, :, slot] = value
+            kv.cumulative_length += 1
+            attended = F.scaled_dot_product_attention(query[:, :, None], kv.keys, kv.values, attn_mask=mask,
+                                                      scale=head_dim**-0.5, enable_gqa=True)
+            hidden = hidden + F.linear(attended.view(batch, 1, -1), out_proj)
+            gate, up = F.linear(self.norm(hidden, post_norm), gate_up).split([self.intermediate] * 2, -1)
+            hidden = hidden + F.linear(F.silu(gate) * up, down)
+        return self.lm_head(self.norm(hidden[:, -1], self.final_norm))
+
+
 class _CachePool:
     """A few idle ``StaticCache`` objects keyed by (batch, length); a decode takes one exclusively.
 
@@ -128,6 +232,8 @@ class FastDecoder:
         self.pool = _CachePool()
         walkable = backbone.config.model_type in LAYER_WALK_MODEL_TYPES and hasattr(backbone, "model")
         self._step_fn = self._layers_step if walkable else self._forward
+        if not compile_step and supports_fused_step(backbone):
+            self._step_fn = FusedQwen3Step(backbone)
         if compile_step:
             # dynamic=False: one graph per (batch, cache length) bucket; the decode step's shapes never change.
             # compile_mode="reduce-overhead" adds CUDA graphs on a GPU (scripts/gpu_bench.py).

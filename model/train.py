@@ -50,6 +50,7 @@ class TrainConfig:
     asr_weight: int = 2
     ctc_weight: float = 0.5
     trait_weight: float = 0.0
+    loss_average: str = "token"  # "token": every answer token counts once; "example": every answer counts once
     save_every: int = 200
 
 
@@ -257,10 +258,28 @@ def trait_loss(head: TraitHead, per_clip: list[torch.Tensor], names: list[str], 
     return head(torch.stack(pooled), {t: torch.tensor(v) for t, v in labels.items()})
 
 
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str) -> torch.Tensor:
+    """Next-token cross-entropy on answer tokens, averaged over tokens or first within each answer.
+
+    Why "example": a multiple-choice answer's one informative token (its letter) is ~1 % of a batch's answer tokens
+    beside captions and transcripts, so with token averaging the speaker-trait questions barely move the model.
+    """
+    targets = labels[:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    counted = (targets != IGNORE).float()
+    if average == "token":
+        return (token_losses * counted).sum() / counted.sum().clamp(min=1)
+    if average == "example":
+        per_example = (token_losses * counted).sum(1) / counted.sum(1).clamp(min=1)
+        return per_example[counted.sum(1) > 0].mean()
+    raise ValueError(f"loss_average must be 'token' or 'example', not {average!r}")
+
+
 def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
               ctc: CTCHead | None = None, spoken: dict[str, list[int]] | None = None,
               ctc_weight: float = 0.0, traits: TraitHead | None = None, spans: dict | None = None,
-              trait_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+              trait_weight: float = 0.0, loss_average: str = "token") -> tuple[torch.Tensor, dict]:
     """Next-token loss on answers, plus λ·L_aux from the adapter, and the CTC and trait terms when they are on."""
     input_ids, labels, mask = collate(examples, ids.pad)
     audio_names = [a for e in examples for a in e.audio]
@@ -268,9 +287,9 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
     if audio_names:
         audio_embeds, routing = model.adapter(torch.cat([cache[a] for a in audio_names]).float())
     inputs_embeds = model.embed(input_ids, audio_embeds, ids.audio_pad)
-    output = model.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels)
-    loss = output.loss
-    stats = {"lm_loss": float(output.loss.detach())}
+    logits = model.backbone(inputs_embeds=inputs_embeds, attention_mask=mask).logits
+    loss = answer_loss(logits, labels, loss_average)
+    stats = {"lm_loss": float(loss.detach())}
     if routing is not None:
         loss = loss + model.config.aux_loss_weight * routing.aux_loss
         stats["aux_loss"] = float(routing.aux_loss.detach())
@@ -312,7 +331,7 @@ def run_stage(name: str, model, params, batches, total: int, cache: dict, ids: S
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg)
         loss, stats = step_loss(model, batches(step), cache, ids, ctc, spoken, cfg.ctc_weight, traits, spans,
-                                cfg.trait_weight)
+                                cfg.trait_weight, cfg.loss_average)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,8 +1,9 @@
 """End to end: the real app (``python app.py``, tiny-random) driven by Debian's Chromium through Playwright.
 
 Covers what only a browser shows: uploads and a microphone recording reaching the model, streamed text appearing,
-the chat rendering markup as text, plotly figures rendering, error toasts, and screenshots of every tab for the
-README (``docs/screenshots/``). Two ``gradio_client`` sessions check that per-call settings stay separate.
+the chat rendering markup as text, plotly figures rendering, error toasts, and screenshots of every tab (written
+to ``docs/screenshots/`` for the README by ``make screenshots``, to a temporary folder otherwise). Two
+``gradio_client`` sessions check that per-call settings stay separate.
 
 Needs ``/usr/bin/chromium`` (Debian ``chromium``; no ``playwright install``). The app starts once per module.
 """
@@ -15,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,7 +36,9 @@ expect = playwright_api.expect
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets" / "examples"
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# The README's screenshots are refreshed only on request (`make screenshots`), so a test run leaves the tree clean.
+SCREENSHOTS = (ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") == "1"
+               else Path(tempfile.gettempdir()) / "eureka-studio-screenshots")
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",

@@ -80,21 +80,32 @@ def test_processors_mirror_generate(tiny) -> None:
             {k: v for k, v in vars(b).items() if not isinstance(v, torch.Tensor)}
 
 
-def test_layer_walk_step_equals_the_model_forward(tiny) -> None:
+def test_layer_walk_and_fused_steps_equal_the_model_forward(tiny, monkeypatch) -> None:
+    """The layer walk is bit-for-bit the model's forward; the fused step (tiny's default) matches it to float
+    rounding, with the same argmax — also past its RoPE table, where it falls back to the rotary module."""
     from transformers import StaticCache
 
+    from model import fast_decode
+
     decoder = tiny.decoder()
-    assert decoder._step_fn == decoder._layers_step
+    assert isinstance(decoder._step_fn, fast_decode.FusedQwen3Step)
     backbone = tiny.model.backbone
-    ids, pos = torch.tensor([[5], [9]]), torch.tensor([[3], [7]])
-    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
-    outputs = []
-    for step in (decoder._forward, decoder._layers_step):
-        cache = StaticCache(config=backbone.config, max_cache_len=16)
-        with torch.inference_mode():
-            outputs.append([step(ids, pos, mask, cache), step(ids + 1, pos + 1, mask, cache)])
-    for a, b in zip(*outputs, strict=True):
-        assert torch.equal(a, b)
+    ids, mask = torch.tensor([[5], [9]]), torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    far = 2 * backbone.config.max_position_embeddings + 5
+    for pos in (torch.tensor([[3], [7]]), torch.tensor([[far], [far + 4]])):
+        outputs = []
+        for step in (decoder._forward, decoder._layers_step, decoder._step_fn):
+            cache = StaticCache(config=backbone.config, max_cache_len=16)
+            with torch.inference_mode():
+                outputs.append([step(ids, pos, mask, cache), step(ids + 1, pos + 1, mask, cache)])
+        for forward, walk, fused in zip(*outputs, strict=True):
+            assert torch.equal(forward, walk)
+            torch.testing.assert_close(fused, forward, rtol=1e-5, atol=1e-5)
+            assert torch.equal(fused.argmax(-1), forward.argmax(-1))
+
+    monkeypatch.setattr(fast_decode, "FUSED_STEP_MAX_BYTES", 0)  # a big model: decode is bound by its weights
+    plain = fast_decode.FastDecoder(backbone)
+    assert plain._step_fn == plain._layers_step
 
 
 def test_batch_equals_single_calls(tiny) -> None:

@@ -5,7 +5,8 @@ The database is filled by the real pipeline on 3 synthetic clips (tiny-random ca
 judge; the two answerers are scripted — always A / always B — because tiny-random never names an option, so
 without them the judge would discard everything and there would be nothing to accept). Covers what only a browser
 shows: the login, the keyboard shortcuts, the status and audit log updating, stored markup rendering as text, the
-stale-version warning, and the screenshot ``docs/screenshots/review.png``; plus an anonymous HTTP client refused.
+stale-version warning, and the screenshot ``review.png`` (see test_app_browser.SCREENSHOTS); plus an anonymous
+HTTP client refused.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ from model.data.tasks import to_chat_records
 from model.loading import build_model
 from model.prompts import SpecialTokenIds
 from model.train import (
+    IGNORE,
     CTCHead,
     TraitHead,
+    answer_loss,
     cache_encoder_outputs,
     corpus_text,
     main,
@@ -104,6 +106,26 @@ def test_three_steps_lower_the_loss(dataset: Path) -> None:
         losses.append(stats["lm_loss"])
         assert "aux_loss" in stats
     assert losses[2] < losses[0]
+
+
+def test_answer_loss_averages_over_tokens_like_transformers_or_over_answers() -> None:
+    """"token" is the library's causal-LM loss; "example" gives a 2-token answer the weight of a 5-token one."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11)
+    labels = torch.full((2, 7), IGNORE)
+    labels[0, 2:7] = torch.tensor([1, 2, 3, 4, 5])  # a 5-token answer
+    labels[1, 5:7] = torch.tensor([6, 7])  # a 2-token answer
+    expected = ForCausalLMLoss(logits, labels, vocab_size=11)
+    assert torch.allclose(answer_loss(logits, labels, "token"), expected, atol=1e-6)
+
+    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                     ignore_index=IGNORE, reduction="none")
+    per_answer = [token_losses[0, 1:6].mean(), token_losses[1, 4:6].mean()]
+    assert torch.allclose(answer_loss(logits, labels, "example"), (per_answer[0] + per_answer[1]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_average"):
+        answer_loss(logits, labels, "sentence")
 
 
 def test_ctc_term_trains_the_adapter_on_spoken_words(dataset: Path) -> None:
