@@ -6,6 +6,7 @@ process, interleaved run by run (reference, ours, reference, ours …) so a drif
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model.fast_decode import supports_fused_step
 from model.inference import EurekaAudio, GenerationSettings
 from model.prompts import task_messages
 from model.quantize import backbone_weight_bytes, can_pack, set_weight_layout
@@ -53,6 +55,13 @@ def reference_layout(model: EurekaAudio, engine: str) -> None:
 
 
 # --- decode -------------------------------------------------------------------------------------------------------
+MODULE_STEP = "fast, module step"  # our loop with the step through the backbone's modules: measures the fused step
+
+
+def _step(model: EurekaAudio, name: str) -> contextlib.AbstractContextManager:
+    return model.decoder().module_step() if name == MODULE_STEP else contextlib.nullcontext()
+
+
 def decode(
     model: EurekaAudio,
     engines: list[str],
@@ -69,6 +78,7 @@ def decode(
     For a bf16 CPU model whose weights are not packed yet, every change is measured separately: first on plain
     ``nn.Linear`` weights (``reference`` = the official path, ``fast, nn.Linear`` = our loop alone), then after
     prepacking (``reference, prepacked`` = generate() on packed weights, ``fast`` = ours, all changes).
+    For a model the fused decode step applies to (Eureka-mini), ``fast, module step`` is our loop without it.
     Runs are interleaved engine by engine within each phase.
     """
     prepared = model.prepare([_qa(test_clip(clip_s, data_dir))])
@@ -80,6 +90,8 @@ def decode(
                   [("reference, decode kernel", "reference", "kernel"), ("fast", "fast", "kernel")]]
     else:
         phases = [[(e, e, "") for e in engines]]
+        if "fast" in engines and supports_fused_step(model.model.backbone):
+            phases[0].insert(engines.index("fast") + 1, (MODULE_STEP, "fast", ""))
     results: dict[str, Any] = {"prompt_tokens": int(prepared.input_ids.shape[1]), "new_tokens": new_tokens,
                                "label": label, "engines": {}, "layout_switch_s": {}}
     if bandwidth_GBps:  # the host's memory bandwidth drifts (28–46 GB/s seen): measure it beside the runs too
@@ -92,7 +104,7 @@ def decode(
             results["layout_switch_s"][phase[0][2]] = round(switching.seconds, 2)
         weight_bytes = backbone_weight_bytes(model.model.backbone)
         for name, engine, _ in phase:  # warm-up (and, for "compiled", the compilation for this cache size itself)
-            with Timer() as warm:
+            with Timer() as warm, _step(model, name):
                 model.generate_ids(prepared, _greedy(new_tokens if engine == "compiled" else 8), engine,
                                    ignore_eos=True)
             results["engines"][name] = {"engine": engine, "warmup_s": round(warm.seconds, 2), "tokens_per_s": [],
@@ -101,7 +113,7 @@ def decode(
             for name, engine, _ in phase:
                 busy = wait_for_quiet()
                 times = TokenTimes()
-                with peak_rss() as memory:
+                with peak_rss() as memory, _step(model, name):
                     ids = model.generate_ids(prepared, _greedy(new_tokens), engine, streamer=times, ignore_eos=True)
                 produced = ids.shape[1] - prepared.input_ids.shape[1]
                 if produced != new_tokens:

@@ -22,10 +22,11 @@ partial 30 s window (opt-in: the official model always sees the padded window, s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -238,6 +239,17 @@ class FastDecoder:
             # dynamic=False: one graph per (batch, cache length) bucket; the decode step's shapes never change.
             # compile_mode="reduce-overhead" adds CUDA graphs on a GPU (scripts/gpu_bench.py).
             self._step_fn = torch.compile(self._step_fn, dynamic=False, mode=compile_mode)
+
+    @contextlib.contextmanager
+    def module_step(self) -> Iterator[None]:
+        """Decode through the backbone's modules instead of the fused step for a while (the benchmark measures the
+        fused step against it in one run); not for use while other threads decode."""
+        step_fn = self._step_fn
+        self._step_fn = self._layers_step if hasattr(self.backbone, "model") else self._forward
+        try:
+            yield
+        finally:
+            self._step_fn = step_fn
 
     def _forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: StaticCache

@@ -32,6 +32,7 @@ from .prompts import CAPTION_PROMPT, SpecialTokenIds, build_prompt
 from .tokenizer import ALL_SPECIAL_TOKENS, THINK_TOKENS, encode_plain_text, wrap_tokenizer
 
 IGNORE = -100
+LOSS_AVERAGES = ("token", "example")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class TrainConfig:
     trait_weight: float = 0.0
     loss_average: str = "token"  # "token": every answer token counts once; "example": every answer counts once
     save_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, not {self.loss_average!r}")
 
 
 def mini_config(vocab_size: int) -> EurekaConfig:
@@ -273,7 +278,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str) -> tor
     if average == "example":
         per_example = (token_losses * counted).sum(1) / counted.sum(1).clamp(min=1)
         return per_example[counted.sum(1) > 0].mean()
-    raise ValueError(f"loss_average must be 'token' or 'example', not {average!r}")
+    raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, not {average!r}")
 
 
 def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,

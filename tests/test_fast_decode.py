@@ -103,6 +103,11 @@ def test_layer_walk_and_fused_steps_equal_the_model_forward(tiny, monkeypatch) -
             torch.testing.assert_close(fused, forward, rtol=1e-5, atol=1e-5)
             assert torch.equal(fused.argmax(-1), forward.argmax(-1))
 
+    fused = decoder._step_fn
+    with decoder.module_step():  # what the benchmark compares the fused step with
+        assert decoder._step_fn == decoder._layers_step
+    assert decoder._step_fn is fused
+
     monkeypatch.setattr(fast_decode, "FUSED_STEP_MAX_BYTES", 0)  # a big model: decode is bound by its weights
     plain = fast_decode.FastDecoder(backbone)
     assert plain._step_fn == plain._layers_step
