@@ -84,6 +84,7 @@ LAYER_WALK_MODEL_TYPES = {"qwen3", "qwen2", "llama", "mistral"}
 # A fused step keeps concatenated copies of the q/k/v and gate/up weights; above this many bytes of linear weights a
 # model's decode is bound by reading them (the official model: 3.4 GB), so the copy would cost memory for nothing.
 FUSED_STEP_MAX_BYTES = 256 * 2**20
+ROPE_TABLE_POSITIONS = 8192  # the fused step's cos/sin table; later positions ask the rotary module
 
 
 def _fused_linears(backbone: PreTrainedModel) -> list[torch.nn.Module]:
@@ -137,10 +138,12 @@ class FusedQwen3Step:
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                     mlp.down_proj.weight,
                 ))
-            # The rotary module's own cos/sin for every position; sin's first half negated so that
+            # The rotary module's own cos/sin for the first positions (at most ROPE_TABLE_POSITIONS: a long-context
+            # config would otherwise cost hundreds of MB); sin's first half negated so that
             # rotate_half(x) * sin == x.roll(half) * signed_sin, exactly.
             dtype = self.final_norm.dtype
-            positions = torch.arange(2 * config.max_position_embeddings, device=self.final_norm.device)[None]
+            n_positions = min(config.max_position_embeddings, ROPE_TABLE_POSITIONS)
+            positions = torch.arange(n_positions, device=self.final_norm.device)[None]
             cos, sin = self.rotary_emb(torch.zeros(1, 1, dtype=dtype, device=positions.device), positions)
             self.cos, self.signed_sin = cos[0], sin[0].clone()
             self.signed_sin[:, : self.head_dim // 2] *= -1

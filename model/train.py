@@ -264,7 +264,8 @@ def trait_loss(head: TraitHead, per_clip: list[torch.Tensor], names: list[str], 
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str) -> torch.Tensor:
-    """Next-token cross-entropy on answer tokens, averaged over tokens or first within each answer.
+    """Next-token cross-entropy on answer tokens: the mean over all of a batch's answer tokens ("token"), or the mean
+    within each answer, then over answers ("example").
 
     Why "example": a multiple-choice answer's one informative token (its letter) is ~1 % of a batch's answer tokens
     beside captions and transcripts, so with token averaging the speaker-trait questions barely move the model.

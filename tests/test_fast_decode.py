@@ -91,7 +91,7 @@ def test_layer_walk_and_fused_steps_equal_the_model_forward(tiny, monkeypatch) -
     assert isinstance(decoder._step_fn, fast_decode.FusedQwen3Step)
     backbone = tiny.model.backbone
     ids, mask = torch.tensor([[5], [9]]), torch.ones(2, 1, 1, 16, dtype=torch.bool)
-    far = 2 * backbone.config.max_position_embeddings + 5
+    far = fast_decode.ROPE_TABLE_POSITIONS + 5
     for pos in (torch.tensor([[3], [7]]), torch.tensor([[far], [far + 4]])):
         outputs = []
         for step in (decoder._forward, decoder._layers_step, decoder._step_fn):
