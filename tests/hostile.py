@@ -139,10 +139,15 @@ def zip_bomb(path: Path, entries: int = ZIP_BOMB_ENTRIES, entry_bytes: int = ZIP
     return path
 
 
+def fixed_time_entry(name: str) -> zipfile.ZipInfo:
+    """A zip entry stamped 1980-01-01: with the current time (``writestr(name, …)``) the bytes change every 2 s."""
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
+
 def lying_zip(path: Path, real_bytes: int = 5 << 20, declared: int = 1024) -> Path:
     """A zip whose one entry declares ``declared`` bytes but inflates to ``real_bytes`` (a lying header)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("clip.wav", bytes(real_bytes))
+        archive.writestr(fixed_time_entry("clip.wav"), bytes(real_bytes), compress_type=zipfile.ZIP_DEFLATED)
     data = bytearray(path.read_bytes())
     struct.pack_into("<I", data, 22, declared)  # local header: uncompressed size
     central = data.find(b"PK\x01\x02")
@@ -198,7 +203,7 @@ def build_corpus(folder: str | Path, upload_cap_mb: int = 200) -> list[Case]:
     add("text_named.wav", "a text file named .wav", "Could not decode").write_text("this is not audio\n" * 50)
     zipped = io.BytesIO()
     with zipfile.ZipFile(zipped, "w") as archive:
-        archive.writestr("clip.wav", full)
+        archive.writestr(fixed_time_entry("clip.wav"), full)
     add("zip_named.wav", "a zip (holding a WAV) named .wav", "Could not decode").write_bytes(zipped.getvalue())
     zip_bomb(add("zip_bomb.zip", "zip bomb: 2.5 MB expanding to 2.5 GB (25 × 100 MB)", "Could not decode"))
     over = (upload_cap_mb + 8) * 1024**2
