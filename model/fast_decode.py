@@ -235,7 +235,8 @@ class FastDecoder:
         self.compile_step = compile_step
         self.pool = _CachePool()
         walkable = backbone.config.model_type in LAYER_WALK_MODEL_TYPES and hasattr(backbone, "model")
-        self._step_fn = self._layers_step if walkable else self._forward
+        self._module_step_fn = self._layers_step if walkable else self._forward
+        self._step_fn = self._module_step_fn
         if not compile_step and supports_fused_step(backbone):
             self._step_fn = FusedQwen3Step(backbone)
         if compile_step:
@@ -248,7 +249,7 @@ class FastDecoder:
         """Decode through the backbone's modules instead of the fused step for a while (the benchmark measures the
         fused step against it in one run); not for use while other threads decode."""
         step_fn = self._step_fn
-        self._step_fn = self._layers_step if hasattr(self.backbone, "model") else self._forward
+        self._step_fn = self._module_step_fn
         try:
             yield
         finally:

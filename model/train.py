@@ -263,23 +263,20 @@ def trait_loss(head: TraitHead, per_clip: list[torch.Tensor], names: list[str], 
     return head(torch.stack(pooled), {t: torch.tensor(v) for t, v in labels.items()})
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str) -> torch.Tensor:
-    """Next-token cross-entropy on answer tokens: the mean over all of a batch's answer tokens ("token"), or the mean
-    within each answer, then over answers ("example").
+def per_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged within each answer, then over answers (``--loss-average example``).
 
-    Why "example": a multiple-choice answer's one informative token (its letter) is ~1 % of a batch's answer tokens
-    beside captions and transcripts, so with token averaging the speaker-trait questions barely move the model.
+    Why: a multiple-choice answer's one informative token (its letter) is ~1 % of a batch's answer tokens beside
+    captions and transcripts, so with the usual token average (transformers' causal-LM loss, ``token``) the
+    speaker-trait questions barely move the model.
     """
     targets = labels[:, 1:]
     token_losses = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     counted = (targets != IGNORE).float()
-    if average == "token":
-        return (token_losses * counted).sum() / counted.sum().clamp(min=1)
-    if average == "example":
-        per_example = (token_losses * counted).sum(1) / counted.sum(1).clamp(min=1)
-        return per_example[counted.sum(1) > 0].mean()
-    raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, not {average!r}")
+    answer_tokens = counted.sum(1)
+    per_answer = (token_losses * counted).sum(1) / answer_tokens.clamp(min=1)
+    return per_answer[answer_tokens > 0].mean()
 
 
 def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
@@ -293,8 +290,10 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
     if audio_names:
         audio_embeds, routing = model.adapter(torch.cat([cache[a] for a in audio_names]).float())
     inputs_embeds = model.embed(input_ids, audio_embeds, ids.audio_pad)
-    logits = model.backbone(inputs_embeds=inputs_embeds, attention_mask=mask).logits
-    loss = answer_loss(logits, labels, loss_average)
+    if loss_average == "token":  # the library's loss: every answer token counts once
+        loss = model.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels).loss
+    else:
+        loss = per_answer_loss(model.backbone(inputs_embeds=inputs_embeds, attention_mask=mask).logits, labels)
     stats = {"lm_loss": float(loss.detach())}
     if routing is not None:
         loss = loss + model.config.aux_loss_weight * routing.aux_loss

@@ -17,12 +17,13 @@ from model.prompts import SpecialTokenIds
 from model.train import (
     IGNORE,
     CTCHead,
+    TrainConfig,
     TraitHead,
-    answer_loss,
     cache_encoder_outputs,
     corpus_text,
     main,
     make_example,
+    per_answer_loss,
     record_audio,
     speech_spans,
     spoken_tokens,
@@ -90,7 +91,8 @@ def auxiliary_term_losses(setup: TinySetup, head: torch.nn.Module, stat: str, **
     return values
 
 
-def test_three_steps_lower_the_loss(dataset: Path) -> None:
+@pytest.mark.parametrize("loss_average", ["token", "example"])
+def test_three_steps_lower_the_loss(dataset: Path, loss_average: str) -> None:
     setup = tiny_setup(dataset, "cache-tiny.pt")
     model = setup.model
     batch = [make_example(r, setup.tokenizer, setup.ids, setup.cache) for r in setup.records[:8]]
@@ -99,7 +101,7 @@ def test_three_steps_lower_the_loss(dataset: Path) -> None:
     losses = []
     model.train()
     for _ in range(3):
-        loss, stats = step_loss(model, batch, setup.cache, setup.ids)
+        loss, stats = step_loss(model, batch, setup.cache, setup.ids, loss_average=loss_average)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -108,8 +110,8 @@ def test_three_steps_lower_the_loss(dataset: Path) -> None:
     assert losses[2] < losses[0]
 
 
-def test_answer_loss_averages_over_tokens_like_transformers_or_over_answers() -> None:
-    """"token" is the library's causal-LM loss; "example" gives a 2-token answer the weight of a 5-token one."""
+def test_per_answer_loss_weighs_every_answer_alike() -> None:
+    """A 2-token answer weighs as much as a 5-token one; answers of equal length give the library's token average."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     torch.manual_seed(0)
@@ -117,15 +119,16 @@ def test_answer_loss_averages_over_tokens_like_transformers_or_over_answers() ->
     labels = torch.full((2, 7), IGNORE)
     labels[0, 2:7] = torch.tensor([1, 2, 3, 4, 5])  # a 5-token answer
     labels[1, 5:7] = torch.tensor([6, 7])  # a 2-token answer
-    expected = ForCausalLMLoss(logits, labels, vocab_size=11)
-    assert torch.allclose(answer_loss(logits, labels, "token"), expected, atol=1e-6)
-
     token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
                                                      ignore_index=IGNORE, reduction="none")
     per_answer = [token_losses[0, 1:6].mean(), token_losses[1, 4:6].mean()]
-    assert torch.allclose(answer_loss(logits, labels, "example"), (per_answer[0] + per_answer[1]) / 2, atol=1e-6)
+    assert torch.allclose(per_answer_loss(logits, labels), (per_answer[0] + per_answer[1]) / 2, atol=1e-6)
+    assert not torch.allclose(per_answer_loss(logits, labels), ForCausalLMLoss(logits, labels, vocab_size=11))
+
+    labels[1, 2:5] = torch.tensor([8, 9, 10])  # now both answers have 5 tokens
+    assert torch.allclose(per_answer_loss(logits, labels), ForCausalLMLoss(logits, labels, vocab_size=11), atol=1e-6)
     with pytest.raises(ValueError, match="loss_average"):
-        answer_loss(logits, labels, "sentence")
+        TrainConfig(loss_average="sentence")
 
 
 def test_ctc_term_trains_the_adapter_on_spoken_words(dataset: Path) -> None:
