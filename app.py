@@ -18,6 +18,10 @@ import sys
 
 try:  # ZeroGPU: `spaces` must be imported before torch initialises CUDA
     import spaces  # type: ignore[import-not-found]  # noqa: F401
+
+    # ZeroGPU lends a GPU per call and does not support torch.compile; a CUDA graph captured in one call must not be
+    # replayed in another, so decode steps launch eagerly there.
+    os.environ.setdefault("EUREKA_CUDA_GRAPHS", "0")
 except ImportError:
     pass
 

@@ -163,7 +163,7 @@ def fill_random_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> N
 
     Skipped initialisation leaves whatever the allocator returned (NaNs, denormals), which would distort timings.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}  # a generator must live on its tensor's device (CUDA)
     bound = std * math.sqrt(3.0)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -172,7 +172,9 @@ def fill_random_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> N
             elif param.dim() == 1:  # RMSNorm / LayerNorm weights
                 param.fill_(1.0)
             else:
-                param.uniform_(-bound, bound, generator=generator)
+                if param.device not in generators:
+                    generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+                param.uniform_(-bound, bound, generator=generators[param.device])
 
 
 def official_random(dtype: torch.dtype = torch.bfloat16) -> EurekaAudio:

@@ -13,6 +13,8 @@ here keeps what matters and drops the rest:
   tokens are the ones the reference path produces (same processors, same ``torch.multinomial`` draw);
 * for small Qwen3 backbones, :class:`FusedQwen3Step`: the same decode step in about half the tensor operations
   (a 10 MB model spends most of a step in per-operation overhead, not in reading weights);
+* on a CUDA device, :class:`CudaGraphStep`: the step replayed as one captured CUDA graph (a GPU reads the weights
+  faster than Python can launch the step's kernels);
 * optionally a ``torch.compile``-d decode step (measured in ``docs/performance.md``).
 
 The audio side: :class:`EncoderCache` keeps encoder outputs per clip content (multi-turn QA and the routing view ask
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -93,16 +96,23 @@ def _fused_linears(backbone: PreTrainedModel) -> list[torch.nn.Module]:
         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
 
 
-def supports_fused_step(backbone: PreTrainedModel) -> bool:
-    """A Qwen3 with default RoPE, SiLU MLPs and plain bias-free ``nn.Linear`` weights (no kernel or int8 layout)."""
+def supports_fused_step(backbone: PreTrainedModel, any_size: bool = False) -> bool:
+    """A Qwen3 with default RoPE, SiLU MLPs and plain bias-free ``nn.Linear`` weights (no kernel or int8 layout),
+    small enough that a second, concatenated copy of its weights is cheap (unless ``any_size``)."""
     config = backbone.config
     rope = getattr(config, "rope_parameters", None) or {}
     if (config.model_type != "qwen3" or not supports_fast_decode(backbone) or config.hidden_act != "silu"
             or rope.get("rope_type", "default") != "default"):
         return False
     linears = _fused_linears(backbone)
-    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears) and \
-        sum(m.weight.nbytes for m in linears) <= FUSED_STEP_MAX_BYTES
+    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears) and (
+        any_size or sum(m.weight.nbytes for m in linears) <= FUSED_STEP_MAX_BYTES)
+
+
+def _fits_second_copy(backbone: PreTrainedModel) -> bool:
+    """Whether the device has room for the fused step's concatenated weights, with as much again to spare."""
+    free_bytes, _ = torch.cuda.mem_get_info(backbone.device)
+    return free_bytes > 2 * sum(m.weight.nbytes for m in _fused_linears(backbone))
 
 
 class FusedQwen3Step:
@@ -114,9 +124,13 @@ class FusedQwen3Step:
     a table, and the new key/value go straight into the ``StaticCache`` slot. The arithmetic is the model's: the
     same RMSNorm in float32, the same rotation, SDPA with grouped heads; greedy tokens equal the module path's
     (tests/test_fast_decode.py). The weights are snapshotted: rebuild the decoder after changing them.
+
+    ``graph_safe`` keeps every step on the device — no host read of the position or the cache slot — so the step
+    can be captured as a CUDA graph or compiled whole; positions must then stay inside the table (``max_positions``).
     """
 
-    def __init__(self, backbone: PreTrainedModel):
+    def __init__(self, backbone: PreTrainedModel, graph_safe: bool = False):
+        self.graph_safe = graph_safe
         config, inner = backbone.config, backbone.model
         self.lm_head, self.embed_tokens, self.rotary_emb = backbone.lm_head, inner.embed_tokens, inner.rotary_emb
         self.final_norm = inner.norm.weight
@@ -147,6 +161,16 @@ class FusedQwen3Step:
             cos, sin = self.rotary_emb(torch.zeros(1, 1, dtype=dtype, device=positions.device), positions)
             self.cos, self.signed_sin = cos[0], sin[0].clone()
             self.signed_sin[:, : self.head_dim // 2] *= -1
+        if graph_safe:
+            # Plain tensors reached through an object are graph inputs to torch.compile; without this its CUDA
+            # graphs would copy every one of them into a static buffer before each replay (~1 ms a step measured
+            # on the full model, an H200).
+            for tensor in [self.cos, self.signed_sin, *(t for layer in self.layers for t in layer)]:
+                torch._dynamo.mark_static_address(tensor)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
 
     def norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Qwen3RMSNorm's arithmetic: float32 statistics, cast back, then the weight."""
@@ -159,12 +183,12 @@ class FusedQwen3Step:
     ) -> torch.Tensor:
         batch, n_qk, head_dim = input_ids.shape[0], self.n_heads + self.n_kv_heads, self.head_dim
         hidden = self.embed_tokens(input_ids)
-        if int(position_ids.max()) < self.cos.shape[0]:
+        if self.graph_safe or int(position_ids.max()) < self.cos.shape[0]:
             cos, sin = self.cos[position_ids], self.signed_sin[position_ids]  # [batch, 1, head_dim]
         else:  # past the table: the module's own (unsigned) sin, applied with rotate_half's sign below
             cos, sin = self.rotary_emb(hidden, position_ids)
             sin = torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2 :]], -1)
-        slot = int(cache.layers[0].cumulative_length)
+        slot = None if self.graph_safe else int(cache.layers[0].cumulative_length)
         for (in_norm, qkv, qk_norm, out_proj, post_norm, gate_up, down), kv in zip(self.layers, cache.layers,
                                                                                  strict=True):
             qk, value = F.linear(self.norm(hidden, in_norm), qkv).split(
@@ -175,15 +199,63 @@ class FusedQwen3Step:
             value = value.view(batch, self.n_kv_heads, head_dim)
             if not kv.is_initialized:  # a cache no prefill has written to yet
                 kv.lazy_initialization(key[:, :, None], value[:, :, None])
-            kv.keys[:, :, slot] = key
-            kv.values[:, :, slot] = value
-            kv.cumulative_length += 1
+            if self.graph_safe:  # the slot is the layer's device-side counter
+                kv.keys.index_copy_(2, kv.cumulative_length.view(1), key[:, :, None])
+                kv.values.index_copy_(2, kv.cumulative_length.view(1), value[:, :, None])
+                kv.cumulative_length.add_(1)
+            else:
+                kv.keys[:, :, slot] = key
+                kv.values[:, :, slot] = value
+                kv.cumulative_length += 1
             attended = F.scaled_dot_product_attention(query[:, :, None], kv.keys, kv.values, attn_mask=mask,
                                                       scale=head_dim**-0.5, enable_gqa=True)
             hidden = hidden + F.linear(attended.view(batch, 1, -1), out_proj)
             gate, up = F.linear(self.norm(hidden, post_norm), gate_up).split([self.intermediate] * 2, -1)
             hidden = hidden + F.linear(F.silu(gate) * up, down)
         return self.lm_head(self.norm(hidden[:, -1], self.final_norm))
+
+
+class CudaGraphStep:
+    """Replays a captured CUDA graph of a decode step instead of launching its kernels one by one from Python.
+
+    Why: at batch 1 a GPU reads the full model's 3.4 GB of bf16 weights in about a millisecond, while launching the
+    step's ~1 000 kernels through the modules takes several; a graph replays them in one launch. One graph per
+    KV cache and shape, kept on the cache object (its lifetime is the cache's, and the graph writes into that
+    cache's tensors, whose addresses never change). The step's first call on a cache runs eagerly (the warm-up
+    a capture needs) and returns that result; the capture itself executes nothing. The cache's position counter
+    is a device tensor the graph advances, so a replay writes the right slot. The returned logits are the graph's
+    output buffer: valid until the next replay, which the decode loop never reaches before using them.
+    """
+
+    def __init__(self, step_fn: Callable[..., torch.Tensor]):
+        self.step_fn = step_fn
+
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: StaticCache
+    ) -> torch.Tensor:
+        if input_ids.device.type != "cuda":
+            return self.step_fn(input_ids, position_ids, mask, cache)
+        graphs = cache.__dict__.setdefault("_eureka_cuda_graphs", {})
+        key = (tuple(input_ids.shape), tuple(mask.shape))
+        captured = graphs.get(key)
+        if captured is None:
+            stream = torch.cuda.Stream(device=input_ids.device)
+            stream.wait_stream(torch.cuda.current_stream(input_ids.device))
+            with torch.cuda.stream(stream):
+                logits = self.step_fn(input_ids, position_ids, mask, cache)  # the warm-up is this step's real work
+            torch.cuda.current_stream(input_ids.device).wait_stream(stream)
+            inputs = (input_ids.clone(), position_ids.clone(), mask.clone())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = self.step_fn(*inputs, cache)
+            graphs[key] = (graph, inputs, output)
+            return logits
+        graph, (static_ids, static_positions, static_mask), output = captured
+        static_ids.copy_(input_ids)
+        static_positions.copy_(position_ids)
+        static_mask.copy_(mask)
+        graph.replay()
+        return output
 
 
 class _CachePool:
@@ -228,7 +300,24 @@ class FastDecoder:
     and returns the same ``[batch, prompt + new]`` id tensor, so callers decode text the same way.
     """
 
-    def __init__(self, backbone: PreTrainedModel, compile_step: bool = False, compile_mode: str | None = None):
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        compile_step: bool = False,
+        compile_mode: str | None = None,
+        cuda_graphs: bool | None = None,
+        fused: bool | None = None,
+        overlap: bool | None = None,
+    ):
+        """``cuda_graphs`` replays the step as a CUDA graph (:class:`CudaGraphStep`); ``None`` means "when the
+        backbone is on a CUDA device, the step is not compiled (a compiled step gets graphs from
+        ``compile_mode="reduce-overhead"`` instead) and ``$EUREKA_CUDA_GRAPHS`` is not 0" (the app sets it to 0 on
+        ZeroGPU, which lends a GPU per call). ``fused`` picks :class:`FusedQwen3Step` over the module walk;
+        ``None`` means "for small Qwen3 backbones, and on a GPU for any Qwen3 whose second copy fits"; ``True`` takes
+        any size (its concatenated weights are a second copy of the backbone's linears), in a graph-safe form when
+        the step is graphed or compiled. ``overlap`` queues each step before the host reads the previous token
+        (``None``: on a CUDA device, where the GPU would otherwise idle while Python streams the token; on a CPU the
+        extra step after a stop is pure cost)."""
         if not supports_fast_decode(backbone):
             raise ValueError("FastDecoder needs a backbone whose layers are all full attention")
         self.backbone = backbone
@@ -237,8 +326,27 @@ class FastDecoder:
         walkable = backbone.config.model_type in LAYER_WALK_MODEL_TYPES and hasattr(backbone, "model")
         self._module_step_fn = self._layers_step if walkable else self._forward
         self._step_fn = self._module_step_fn
-        if not compile_step and supports_fused_step(backbone):
-            self._step_fn = FusedQwen3Step(backbone)
+        if cuda_graphs is None:
+            cuda_graphs = backbone.device.type == "cuda" and not compile_step and \
+                os.environ.get("EUREKA_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = cuda_graphs
+        self.overlap = backbone.device.type == "cuda" if overlap is None else overlap
+        if fused is None:
+            if cuda_graphs or compile_step:  # on a GPU, when the concatenated copy fits: 1.5x with graphs (H200)
+                fused = backbone.device.type == "cuda" and supports_fused_step(backbone, any_size=True) and \
+                    _fits_second_copy(backbone)
+            else:
+                fused = supports_fused_step(backbone)
+        elif fused and not supports_fused_step(backbone, any_size=True):
+            raise ValueError("the fused step needs a Qwen3 backbone with plain bias-free linears")
+        self.max_step_positions: int | None = None  # past this, decode walks the modules (graph-safe table limit)
+        if fused:
+            graph_safe = cuda_graphs or compile_step
+            self._step_fn = FusedQwen3Step(backbone, graph_safe=graph_safe)
+            if graph_safe:
+                self.max_step_positions = self._step_fn.max_positions
+        if cuda_graphs:
+            self._step_fn = CudaGraphStep(self._step_fn)
         if compile_step:
             # dynamic=False: one graph per (batch, cache length) bucket; the decode step's shapes never change.
             # compile_mode="reduce-overhead" adds CUDA graphs on a GPU (scripts/gpu_bench.py).
@@ -314,6 +422,9 @@ class FastDecoder:
         pad = config.pad_token_id if config.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
         length = -(-(prompt_len + total_new) // CACHE_BUCKET) * CACHE_BUCKET
         processors = logits_processors(config, attention_mask)
+        step_fn = self._step_fn
+        if self.max_step_positions is not None and prompt_len + total_new > self.max_step_positions:
+            step_fn = self._module_step_fn
 
         tokens = torch.full((batch, prompt_len + total_new), pad, dtype=torch.long, device=device)
         tokens[:, :prompt_len] = input_ids
@@ -353,18 +464,40 @@ class FastDecoder:
                 next_tokens = torch.where(unfinished, next_tokens, pad)
                 tokens[:, prompt_len + step] = next_tokens
                 steps = step + 1
-                if streamer is not None:
-                    streamer.put(next_tokens.cpu())
                 if len(eos_ids):
                     unfinished &= ~torch.isin(next_tokens, eos_ids)
                 unfinished &= limits > steps
+                if self.overlap:
+                    # Queue the next step before the host waits for this token: the GPU computes it while Python
+                    # streams the token. A stop is then seen one step late; that step's result is dropped.
+                    host_tokens = next_tokens.to("cpu", non_blocking=True)
+                    host_running = unfinished.any().to("cpu", non_blocking=True)
+                    copied = torch.cuda.Event() if device.type == "cuda" else None
+                    if copied is not None:
+                        copied.record()
+                    if steps < total_new:
+                        kv_valid[:, prompt_len + step] = True
+                        logits = step_fn(next_tokens[:, None], next_pos, mask, cache)
+                        next_pos = next_pos + 1
+                    if copied is not None:
+                        copied.synchronize()
+                    running = bool(host_running)
+                else:
+                    host_tokens = next_tokens.cpu() if streamer is not None else None
+                if streamer is not None:
+                    streamer.put(host_tokens)
                 if on_step is not None and (stop := on_step(step, next_tokens)) is not None:
                     unfinished &= ~stop.to(device)
-                if not bool(unfinished.any()):
+                    if self.overlap and bool(stop.any()):
+                        running = bool(unfinished.any())
+                if not self.overlap:
+                    running = bool(unfinished.any())
+                if not running:
                     break
-                kv_valid[:, prompt_len + step] = True
-                logits = self._step_fn(next_tokens[:, None], next_pos, mask, cache)
-                next_pos = next_pos + 1
+                if not self.overlap:
+                    kv_valid[:, prompt_len + step] = True
+                    logits = step_fn(next_tokens[:, None], next_pos, mask, cache)
+                    next_pos = next_pos + 1
         finally:
             self.pool.give(batch, length, cache)
             if streamer is not None:

@@ -2,22 +2,39 @@
 
 For a lent H100/H200 machine (no GPU here)::
 
-    python scripts/gpu_bench.py --device cuda --out gpu_bench.json
+    python scripts/gpu_bench.py --device cuda --out gpu_bench.json --profile fused-compiled
     python scripts/gpu_bench.py --device cpu --preset tiny-random --new-tokens 16   # smoke test anywhere
+
+It needs torch with CUDA, transformers >= 5.24 and what ``model`` imports (soundfile, soxr, openai-whisper's
+``whisper`` package). On a machine without them, carry wheels (``pip download --no-deps --only-binary=:all:
+--python-version 3.12 ... transformers==5.24.0 soundfile soxr cffi pycparser more-itertools``) plus a copy of the
+``whisper`` package, install them with ``pip install --no-index --no-deps --target /tmp/site`` and put that and the
+copy on ``PYTHONPATH``. Results measured this way are in ``docs/performance.md`` section (c) and ``docs/gpu/``.
 
 The model is the full architecture with random weights, built directly on the device in bf16 (no random
 initialisation cost, then a cheap deterministic fill). Decode speed does not depend on the weights' values, and
 only the backbone runs per token. Engines, all batch 1 and greedy with EOS ignored:
 
 * ``reference``   — transformers ``generate()`` with the default dynamic cache (how the official code runs);
+* ``fast``        — our static-cache loop (``model.fast_decode.FastDecoder``), its step launched eagerly;
+* ``fast-cudagraph`` — the same loop with its step replayed as a captured CUDA graph (``CudaGraphStep``);
+* ``fused-cudagraph`` — the step as ``FusedQwen3Step`` (half the kernels: q/k/v and gate/up as one matmul each, RoPE
+  from a table) in its graph-safe form, replayed as a CUDA graph;
+* ``fused-compiled`` — the fused step compiled with ``mode="reduce-overhead"`` (inductor fuses the norms, RoPE and
+  activation into a few kernels, then CUDA graphs);
+* ``app``         — the app's own path, ``EurekaAudio.generate_ids(engine="fast")`` (CUDA graphs by default on a GPU);
+* ``fast-graphs`` — the loop with its step compiled with ``mode="reduce-overhead"`` (inductor kernels + CUDA graphs);
 * ``hf-static``   — transformers ``generate(cache_implementation="static")`` (transformers compiles the decode
-  step itself on CUDA);
-* ``fast``        — our static-cache loop (``model.fast_decode.FastDecoder``), eager;
-* ``fast-graphs`` — the same loop with its decode step compiled with ``mode="reduce-overhead"`` (CUDA graphs).
+  step itself on CUDA).
+
+Each engine's greedy tokens are compared with the reference's (``agree_with_reference``: leading tokens equal; bf16
+kernels differ between engines, so random weights can flip a near-tie) and with ``fast``'s (a graph replays the same
+kernels, so ``fast-cudagraph`` and ``app`` must match it exactly). Results are written after every engine, so a
+run cut short still reports what it measured.
 
 The paper's figure (reference doc section 7) is an average over 200 samples of up to 2000 new tokens on H100s,
 batch size and engine not stated; ``--new-tokens 2000`` gets closer to that setting. The memory-bandwidth bound
-(measured copy bandwidth / bf16 weight bytes per token) is printed beside the measurements.
+(measured read bandwidth / bf16 weight bytes per token) is printed beside the measurements.
 """
 
 from __future__ import annotations
@@ -32,9 +49,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 PAPER_TOKENS_PER_S = 269.7
-ENGINES = ("reference", "hf-static", "fast", "fast-graphs")
+ENGINES = ("reference", "fast-cudagraph", "fused-cudagraph", "fused-compiled", "app", "fast", "fast-graphs",
+           "hf-static")
 
 
 def sync(device: torch.device) -> None:
@@ -56,6 +75,20 @@ def device_bandwidth_GBps(device: torch.device, size_mb: int = 1024, repeats: in
         sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n * 4 / best / 1e9
+
+
+def device_read_bandwidth_GBps(device: torch.device, size_mb: int = 1024, repeats: int = 10) -> float:
+    """Read-only bandwidth (a sum over a large buffer, best of ``repeats``): what a decode step's weight reads see."""
+    src = torch.ones(size_mb * 2**20 // 4, device=device)
+    src.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        src.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return src.numel() * 4 / best / 1e9
 
 
 def build(preset: str, device: torch.device):
@@ -86,7 +119,10 @@ def prompt(model, n_tokens: int, seed: int = 0):
     return PreparedInputs(ids, embeds, torch.ones_like(ids), [None])
 
 
-def run_engine(model, prepared, engine: str, new_tokens: int, device: torch.device) -> dict[str, float]:
+DECODERS: dict[str, object] = {}
+
+
+def run_engine(model, prepared, engine: str, new_tokens: int, device: torch.device) -> dict:
     from bench.measure import TokenTimes
     from model.fast_decode import FastDecoder
     from model.inference import GenerationSettings
@@ -99,17 +135,31 @@ def run_engine(model, prepared, engine: str, new_tokens: int, device: torch.devi
     with torch.inference_mode():
         if engine in ("reference", "hf-static"):
             extra = {"cache_implementation": "static"} if engine == "hf-static" else {}
-            model.model.backbone.generate(**prepared.generate_kwargs(), generation_config=config, streamer=times,
-                                          **extra)
+            ids = model.model.backbone.generate(**prepared.generate_kwargs(), generation_config=config,
+                                                streamer=times, **extra)
+        elif engine == "app":
+            ids = model.generate_ids(prepared, settings, engine="fast", streamer=times, ignore_eos=True)
         else:
-            if engine not in model._decoders:
-                graphs = engine == "fast-graphs"
-                model._decoders[engine] = FastDecoder(model.model.backbone, compile_step=graphs,
-                                                      compile_mode="reduce-overhead" if graphs else None)
-            model._decoders[engine].decode(prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask,
-                                           config, streamer=times, ignore_eos=True)
+            if engine not in DECODERS:
+                compiled = engine in ("fast-graphs", "fused-compiled")
+                DECODERS[engine] = FastDecoder(model.model.backbone, compile_step=compiled,
+                                               compile_mode="reduce-overhead" if compiled else None,
+                                               cuda_graphs=engine.endswith("cudagraph"),
+                                               fused=engine.startswith("fused"))
+            ids = DECODERS[engine].decode(prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask,
+                                          config, streamer=times, ignore_eos=True)
     sync(device)
-    return {"tokens_per_s": times.decode_tokens_per_s(), "ttft_s": times.first_token_s, "tokens": len(times.times)}
+    new_ids = ids[0, -new_tokens:].tolist()
+    return {"tokens_per_s": times.decode_tokens_per_s(), "ttft_s": times.first_token_s, "tokens": len(times.times),
+            "ids": new_ids}
+
+
+def leading_agreement(ids: list[int], other: list[int]) -> int:
+    """How many leading tokens two greedy decodes share."""
+    for i, (a, b) in enumerate(zip(ids, other, strict=False)):
+        if a != b:
+            return i
+    return min(len(ids), len(other))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", default="", help="engines to profile after timing (comma-separated): the "
+                        "top GPU kernels of a 64-token decode go to <out>.<engine>.profile.txt")
     args = parser.parse_args(argv)
 
     from model.quantize import backbone_weight_bytes
@@ -135,36 +187,72 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prompt(model, args.prompt_tokens)
     weight_bytes = backbone_weight_bytes(model.model.backbone)
     bandwidth = device_bandwidth_GBps(device, 1024 if device.type == "cuda" else 256)
+    read_bandwidth = device_read_bandwidth_GBps(device, 1024 if device.type == "cuda" else 256)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "preset": args.preset, "dtype": "bfloat16", "batch": 1,
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "build_s": round(built_s, 1),
-        "weight_bytes_per_token": weight_bytes, "copy_bandwidth_GBps": round(bandwidth, 1),
-        # copy moves 2 bytes per byte read; decode reads weights once per token
-        "bandwidth_bound_tokens_per_s": round(bandwidth / 2 * 1e9 / weight_bytes, 1),
+        "torch": torch.__version__, "transformers": transformers.__version__, "preset": args.preset,
+        "dtype": "bfloat16", "batch": 1, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "build_s": round(built_s, 1), "weight_bytes_per_token": weight_bytes,
+        "copy_bandwidth_GBps": round(bandwidth, 1), "read_bandwidth_GBps": round(read_bandwidth, 1),
+        # decode reads every weight once per token
+        "bandwidth_bound_tokens_per_s": round(read_bandwidth * 1e9 / weight_bytes, 1),
         "paper_tokens_per_s": PAPER_TOKENS_PER_S, "engines": {},
     }
+    print(json.dumps(result), flush=True)
+    token_ids: dict[str, list[int]] = {}
     for engine in args.engines.split(","):
+        started = time.perf_counter()
         try:
-            warm = run_engine(model, prepared, engine, min(16, args.new_tokens), device)  # compiles, warms caches
+            # warm-up: compiles and captures for the measured shapes (same cache length as the timed runs)
+            warm = run_engine(model, prepared, engine, 16 if engine == "reference" else args.new_tokens, device)
             runs = [run_engine(model, prepared, engine, args.new_tokens, device) for _ in range(args.repeats)]
         except Exception as exc:  # one engine failing (e.g. no compiler) must not lose the others' numbers
-            result["engines"][engine] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            print(f"{engine}: failed: {exc}", file=sys.stderr)
+            result["engines"][engine] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+            print(f"{engine}: failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            write(result, args.out)
             continue
         rates = [r["tokens_per_s"] for r in runs]
-        result["engines"][engine] = {
-            "tokens_per_s_runs": [round(r, 2) for r in rates], "tokens_per_s": round(sum(rates) / len(rates), 2),
+        token_ids[engine] = runs[-1]["ids"]
+        mean = sum(rates) / len(rates)
+        entry = {
+            "tokens_per_s_runs": [round(r, 2) for r in rates], "tokens_per_s": round(mean, 2),
             "ttft_s": round(runs[-1]["ttft_s"], 4), "warmup_s": round(warm["ttft_s"], 2),
-            "vs_paper": round(sum(rates) / len(rates) / PAPER_TOKENS_PER_S, 3),
+            "engine_wall_s": round(time.perf_counter() - started, 1),
+            "vs_paper": round(mean / PAPER_TOKENS_PER_S, 3),
+            "of_bandwidth_bound": round(mean / result["bandwidth_bound_tokens_per_s"], 3),
         }
-        print(f"{engine:12s} {result['engines'][engine]['tokens_per_s']:9.1f} tokens/s  "
-              f"(paper {PAPER_TOKENS_PER_S}; runs {result['engines'][engine]['tokens_per_s_runs']})", flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+        for other in ("reference", "fast"):
+            if other in token_ids and other != engine:
+                entry[f"agree_with_{other}"] = leading_agreement(token_ids[engine], token_ids[other])
+        if "reference" in result["engines"] and "tokens_per_s" in result["engines"]["reference"]:
+            entry["vs_reference"] = round(mean / result["engines"]["reference"]["tokens_per_s"], 2)
+        result["engines"][engine] = entry
+        print(f"{engine:15s} {mean:9.1f} tokens/s  (paper {PAPER_TOKENS_PER_S}) {json.dumps(entry)}", flush=True)
+        write(result, args.out)
+    for engine in filter(None, args.profile.split(",")):
+        profile_engine(model, prepared, engine, device, args.out)
+    print(json.dumps(result, indent=2))
     return 0
+
+
+def profile_engine(model, prepared, engine: str, device: torch.device, out: Path | None) -> None:
+    """Kernel-level profile of a 64-token decode: where a token's time goes on the GPU (and how many kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_engine(model, prepared, engine, 64, device)  # warm: captures/compiles for this cache length
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_engine(model, prepared, engine, 64, device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    print(f"--- profile: {engine} (64 tokens) ---\n{table}", flush=True)
+    if out:
+        out.with_name(f"{out.stem}.{engine}.profile.txt").write_text(table + "\n")
+
+
+def write(result: dict, out: Path | None) -> None:
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

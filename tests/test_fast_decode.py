@@ -113,6 +113,96 @@ def test_layer_walk_and_fused_steps_equal_the_model_forward(tiny, monkeypatch) -
     assert plain._step_fn == plain._layers_step
 
 
+def test_cuda_graph_step_is_chosen_on_cuda_only(tiny, monkeypatch) -> None:
+    """On a CPU the fused step stays (graphs are a GPU thing). Asked for explicitly, the graph step passes through
+    on CPU tensors, so the steps it would capture — the module walk, and the fused step in its graph-safe form
+    (device-side cache slot and positions) — are checked here against the reference path's tokens, also where a
+    decode runs past the graph-safe RoPE table and falls back to the module walk."""
+    from model import fast_decode
+
+    assert not tiny.decoder().cuda_graphs
+    settings = GenerationSettings(max_new_tokens=24)
+    config = settings.to_generation_config(tiny.special_ids)
+    prepared = tiny.prepare(CONVERSATIONS[1:3])
+    expected = tiny.generate_ids(prepared, settings, "reference")
+    args = (prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config)
+
+    walk = fast_decode.FastDecoder(tiny.model.backbone, cuda_graphs=True)
+    assert isinstance(walk._step_fn, fast_decode.CudaGraphStep) and walk._step_fn.step_fn == walk._layers_step
+    assert torch.equal(walk.decode(*args), expected)
+
+    fused = fast_decode.FastDecoder(tiny.model.backbone, cuda_graphs=True, fused=True)
+    assert fused._step_fn.step_fn.graph_safe
+    assert torch.equal(fused.decode(*args), expected)
+
+    monkeypatch.setattr(fast_decode, "ROPE_TABLE_POSITIONS", prepared.input_ids.shape[1] + 8)
+    short_table = fast_decode.FastDecoder(tiny.model.backbone, cuda_graphs=True, fused=True)
+    assert short_table.max_step_positions == prepared.input_ids.shape[1] + 8
+    assert torch.equal(short_table.decode(*args), expected)
+
+
+def test_overlapped_decode_equals_the_stepwise_one(tiny) -> None:
+    """Queuing each step before the host reads the token (the CUDA default) changes no token, streamed token,
+    per-row limit or cancellation — only that a stop is noticed one (discarded) step later."""
+    from transformers.generation.streamers import BaseStreamer
+
+    from model import fast_decode
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts: list[list[int]] = []
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            pass
+
+    backbone = tiny.model.backbone
+    overlapped = fast_decode.FastDecoder(backbone, overlap=True)
+    stepwise = fast_decode.FastDecoder(backbone, overlap=False)
+    assert not tiny.decoder().overlap  # a CPU model steps
+    config = GenerationSettings(max_new_tokens=40).to_generation_config(tiny.special_ids)
+    prepared = tiny.prepare(CONVERSATIONS)
+    args = (prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config)
+
+    def cancel_after(n):
+        return lambda step, tokens: torch.full((tokens.shape[0],), step >= n)
+
+    for kwargs in ({}, {"max_new_tokens": [3, 40, 17, 1]}, {"on_step": cancel_after(6)}, {"ignore_eos": True}):
+        streamed = [Collect(), Collect()]
+        ours = overlapped.decode(*args, streamer=streamed[0], **kwargs)
+        theirs = stepwise.decode(*args, streamer=streamed[1], **kwargs)
+        assert torch.equal(ours, theirs), kwargs
+        assert streamed[0].puts == streamed[1].puts
+    assert torch.equal(overlapped.decode(*args), tiny.generate_ids(prepared, GenerationSettings(max_new_tokens=40),
+                                                                   "reference"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_graph_replays_equal_eager_steps(fused: bool, monkeypatch) -> None:
+    """A replayed graph runs the eager step's kernels on the same cache: identical tokens, also on a second decode
+    that reuses the pooled cache (and its graph) and on a batch of two. ``EUREKA_CUDA_GRAPHS=0`` (ZeroGPU) turns
+    graphs off."""
+    from model import fast_decode
+
+    model = load_model("tiny-random", device="cuda")
+    assert model.decoder().cuda_graphs and model.decoder().overlap
+    monkeypatch.setenv("EUREKA_CUDA_GRAPHS", "0")
+    assert not fast_decode.FastDecoder(model.model.backbone).cuda_graphs
+    monkeypatch.delenv("EUREKA_CUDA_GRAPHS")
+    graphed = fast_decode.FastDecoder(model.model.backbone, fused=fused)
+    eager = fast_decode.FastDecoder(model.model.backbone, cuda_graphs=False, fused=fused)
+    settings = GenerationSettings(max_new_tokens=40)
+    config = settings.to_generation_config(model.special_ids)
+    for conversations in ([CONVERSATIONS[1]], [CONVERSATIONS[1]], CONVERSATIONS[:2]):
+        prepared = model.prepare(conversations)
+        args = (prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config)
+        assert torch.equal(graphed.decode(*args), eager.decode(*args))
+        assert torch.equal(model.decoder().decode(*args), model.generate_ids(prepared, settings, "reference"))
+
+
 def test_batch_equals_single_calls(tiny) -> None:
     singles = [tiny.generate(c, max_new_tokens=24, engine="reference") for c in CONVERSATIONS]
     assert tiny.generate(CONVERSATIONS, max_new_tokens=24) == singles
