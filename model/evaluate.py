@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .data.synth import read_manifest
-from .data.tasks import caption_facts
+from .data.tasks import caption_facts, labelled_caption_facts
 from .inference import EurekaAudio
 from .loading import load_model
 
@@ -151,10 +151,17 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     caption_out = generate_all(model, by_task["caption"], data_dir, batch_size, 256)
     metas_by_id = {m["id"]: m for m in metas}
     found = total = 0
+    recall_by_kind: dict[str, list[bool]] = {}
     for record, text in zip(by_task["caption"], caption_out, strict=True):
-        facts = caption_facts(metas_by_id[record["clip_id"]])
-        found += sum(fact in text.lower() for fact in facts)
+        meta, caption_text = metas_by_id[record["clip_id"]], text.lower()
+        facts = caption_facts(meta)
+        found += sum(fact in caption_text for fact in facts)
         total += len(facts)
+        kind_of: dict[str, str] = {}  # the same de-duplication as caption_facts: a fact counts once, first kind
+        for kind, fact in labelled_caption_facts(meta):
+            kind_of.setdefault(fact, kind)
+        for fact, kind in kind_of.items():
+            recall_by_kind.setdefault(kind, []).append(fact in caption_text)
     qa_right = [chosen_option(question_text(r), o) == answer_letter(r["target"])
                 for r, o in zip(by_task["qa"], qa_out, strict=True)]
     qa_by_kind: dict[str, list[bool]] = {}
@@ -170,6 +177,8 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
         "qa_accuracy": float(np.mean(qa_right)) if qa_right else 0.0,
         "qa_accuracy_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(qa_by_kind.items())},
         "caption_fact_recall": found / max(1, total),
+        "caption_fact_recall_by_kind": {k: {"recall": round(float(np.mean(v)), 4), "facts": len(v)}
+                                        for k, v in sorted(recall_by_kind.items())},
         "routing": routing_stats(model, metas, data_dir),
         "generation_seconds": round(time.perf_counter() - started, 1),
         "examples": [{"task": r["task"], "target": r["target"], "output": o}
@@ -216,6 +225,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"Held-out split `{report['split']}`, {report['clips']} clips, model `{report['model']}`.", "",
              "| metric | value | target | note |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    by_question = report.get("qa_accuracy_by_kind", {})
+    by_fact = report.get("caption_fact_recall_by_kind", {})
+    if by_question:
+        lines += ["", "Multiple-choice accuracy by question kind: " + ", ".join(
+            f"{kind} {accuracy:.0%}" for kind, accuracy in by_question.items()) + "."]
+    if by_fact:
+        lines += ["", "Caption fact recall by kind of fact (facts): " + ", ".join(
+            f"{kind} {row['recall']:.0%} ({row['facts']})" for kind, row in by_fact.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

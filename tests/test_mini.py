@@ -47,3 +47,8 @@ def test_mini_meets_floors_on_the_fixed_heldout_subset(mini) -> None:
     assert report["qa_accuracy"] >= FLOORS["qa_accuracy_min"]
     assert report["caption_fact_recall"] >= FLOORS["caption_fact_recall_min"]
     assert report["routing"]["speech_expert_share_of_nonspeech"] < FLOORS["speech_expert_share_of_nonspeech_max"]
+    # recall by kind of fact re-adds to the overall recall (each fact counted once, under its first kind)
+    by_kind = report["caption_fact_recall_by_kind"].values()
+    total = sum(row["facts"] for row in by_kind)
+    assert sum(row["recall"] * row["facts"] for row in by_kind) / total == pytest.approx(
+        report["caption_fact_recall"], abs=1e-3)

@@ -254,6 +254,18 @@ def test_caption_states_every_fact(train_clips):
                 assert "beep" in text
 
 
+def test_labelled_caption_facts_are_the_caption_facts(train_clips):
+    from model.data.tasks import labelled_caption_facts
+
+    for _, meta in train_clips:
+        labelled = labelled_caption_facts(meta)
+        assert list(dict.fromkeys(fact for _, fact in labelled)) == caption_facts(meta)
+        kinds = {kind for kind, _ in labelled}
+        assert "duration" in kinds
+        if any(e["kind"] == "speech" for e in meta["events"]):
+            assert {"accent", "speaking rate", "transcript"} <= kinds
+
+
 def test_chat_records_use_the_official_message_format(train_clips):
     for i, (_, meta) in enumerate(train_clips):
         records = to_chat_records(meta, f"audio/{meta['id']}.wav", np.random.default_rng(i))

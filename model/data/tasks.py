@@ -406,44 +406,55 @@ def caption(meta: dict[str, Any]) -> str:
 
 def caption_facts(meta: dict[str, Any]) -> list[str]:
     """Lower-case facts an evaluator can look for in a generated caption (match against ``caption.lower()``)."""
-    facts = [f"{meta['duration_s']:.1f}-second"]
+    return list(dict.fromkeys(fact for _, fact in labelled_caption_facts(meta)))
+
+
+def labelled_caption_facts(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(kind, fact)`` pairs behind :func:`caption_facts`: the evaluation reports recall per kind of fact."""
+    facts = [("duration", f"{meta['duration_s']:.1f}-second")]
     for event in foreground_events(meta):
-        facts.extend(event_facts(event))
+        facts.extend(labelled_event_facts(event))
     bed = background_noise(meta)
     if bed is not None:
-        facts.append(f"{bed['color']} noise")
+        facts.append(("noise colour", f"{bed['color']} noise"))
     speakers = len({e["voice"] for e in speech_events(meta)})
     if speakers == 0:
-        facts.append("no speech")
+        facts.append(("no speech", "no speech"))
     if speakers > 1:
-        facts.append(f"{number_word(speakers)} speakers")
+        facts.append(("speaker count", f"{number_word(speakers)} speakers"))
     if not foreground_events(meta) and bed is None:
-        facts.append("silence")
-    return list(dict.fromkeys(facts))
+        facts.append(("silence", "silence"))
+    return facts
 
 
 def event_facts(event: dict[str, Any]) -> list[str]:
     """Short fact strings for one sounding event."""
+    return [fact for _, fact in labelled_event_facts(event)]
+
+
+def labelled_event_facts(event: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(kind, fact)`` pairs for one sounding event."""
     kind = event["kind"]
     if kind == "speech":
-        gender = [event["gender"]] if event["gender"] in ("male", "female") else []
-        return gender + [event["accent_name"].lower(), f"{event['rate_class']} rate",
-                         f"{event['pitch_class']}-pitched", event["text"]]
+        gender = [("gender", event["gender"])] if event["gender"] in ("male", "female") else []
+        return gender + [("accent", event["accent_name"].lower()), ("speaking rate", f"{event['rate_class']} rate"),
+                         ("pitch class", f"{event['pitch_class']}-pitched"), ("transcript", event["text"])]
     if kind == "tone":
-        return ["tone", f"{event['pitch_class']}-pitched", f"{event['freq_hz']} hz"]
+        return [("sound kind", "tone"), ("pitch class", f"{event['pitch_class']}-pitched"),
+                ("frequency", f"{event['freq_hz']} hz")]
     if kind == "beeps":
-        return ["beep" if event["count"] == 1 else "beeps", number_word(event["count"]),
-                f"{event['pitch_class']}-pitched", f"{event['freq_hz']} hz"]
+        return [("sound kind", "beep" if event["count"] == 1 else "beeps"), ("count", number_word(event["count"])),
+                ("pitch class", f"{event['pitch_class']}-pitched"), ("frequency", f"{event['freq_hz']} hz")]
     if kind == "chirp":
-        return ["chirp", event["direction"]]
+        return [("sound kind", "chirp"), ("chirp direction", event["direction"])]
     if kind == "noise":
-        return [f"{event['color']} noise"]
+        return [("noise colour", f"{event['color']} noise")]
     if kind == "clicks":
-        return ["clicks", number_word(event["count"])]
+        return [("sound kind", "clicks"), ("count", number_word(event["count"]))]
     if kind == "melody":
-        return ["melody", f"{number_word(len(event['notes']))} notes"]
+        return [("sound kind", "melody"), ("count", f"{number_word(len(event['notes']))} notes")]
     if kind == "chord":
-        return ["chord", event["name"].lower()]
+        return [("sound kind", "chord"), ("chord name", event["name"].lower())]
     return []
 
 
