@@ -406,9 +406,9 @@ class FastDecoder:
     ) -> torch.Tensor:
         """Decode up to ``config.max_new_tokens`` (or per-row ``max_new_tokens``) tokens after a left-padded prompt.
 
-        ``on_step(step, next_tokens)`` is called after every token with the batch's new ids; it may return a
-        boolean ``[batch]`` tensor of rows to stop now (cancelled requests). Finished rows are filled with the pad
-        id, as ``generate()`` does. ``ignore_eos`` keeps decoding past EOS (benchmarks want a fixed length).
+        ``on_step(step, next_tokens)`` is called after every token with the batch's new ids (a CPU tensor); it may
+        return a boolean ``[batch]`` tensor of rows to stop now (cancelled requests). Finished rows are filled with
+        the pad id, as ``generate()`` does. ``ignore_eos`` keeps decoding past EOS (benchmarks want a fixed length).
         """
         device = inputs_embeds.device
         batch, prompt_len = input_ids.shape
@@ -471,7 +471,7 @@ class FastDecoder:
                     # Queue the next step before the host waits for this token: the GPU computes it while Python
                     # streams the token. A stop is then seen one step late; that step's result is dropped.
                     host_tokens = next_tokens.to("cpu", non_blocking=True)
-                    host_running = unfinished.any().to("cpu", non_blocking=True)
+                    host_unfinished = unfinished.to("cpu", non_blocking=True)  # a snapshot: the hook edits the original
                     copied = torch.cuda.Event() if device.type == "cuda" else None
                     if copied is not None:
                         copied.record()
@@ -481,15 +481,15 @@ class FastDecoder:
                         next_pos = next_pos + 1
                     if copied is not None:
                         copied.synchronize()
-                    running = bool(host_running)
+                    running = bool(host_unfinished.any())
                 else:
-                    host_tokens = next_tokens.cpu() if streamer is not None else None
+                    host_tokens = next_tokens.cpu() if streamer is not None or on_step is not None else None
                 if streamer is not None:
                     streamer.put(host_tokens)
-                if on_step is not None and (stop := on_step(step, next_tokens)) is not None:
+                if on_step is not None and (stop := on_step(step, host_tokens)) is not None:
                     unfinished &= ~stop.to(device)
-                    if self.overlap and bool(stop.any()):
-                        running = bool(unfinished.any())
+                    if self.overlap:  # decided on the host copies: no wait for the queued step
+                        running = bool((host_unfinished & ~stop.cpu().bool()).any())
                 if not self.overlap:
                     running = bool(unfinished.any())
                 if not running:

@@ -293,9 +293,13 @@ def test_a_starting_batch_waits_for_requests_still_being_prepared(fresh) -> None
     assert batcher.batch_sizes == [2, 1]
 
 
-def test_batched_rows_keep_their_own_limits_and_settings(fresh) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_batched_rows_keep_their_own_limits_and_settings(fresh, overlap: bool) -> None:
+    """Also with the decode overlapped (the CUDA default), where the batcher's per-row stops are decided on the
+    host copies of the tokens."""
     expected = [fresh.generate(c, max_new_tokens=n) for c, n in zip(CONVERSATIONS, (5, 17, 40, 9), strict=True)]
     sampled = fresh.generate(CONVERSATIONS[1], max_new_tokens=12, temperature=0.9, seed=4)
+    fresh.decoder().overlap = overlap
     fresh.enable_batching(window_ms=200)
     results: dict[int, str] = {}
 
