@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from .audio import audio_features, chunk_log_mel
 from .config import EurekaConfig
 from .data.synth import ACCENTS, RATE_CLASSES, VOICE_PITCH_CLASSES, read_manifest
-from .data.tasks import transcript
+from .data.tasks import sound_kind_records, transcript
 from .fast_decode import encode_trimmed
 from .inference import TOKEN_SECONDS, EurekaAudio
 from .loading import build_model
@@ -52,6 +53,7 @@ class TrainConfig:
     ctc_weight: float = 0.5
     trait_weight: float = 0.0
     loss_average: str = "token"  # "token": every answer token counts once; "example": every answer counts once
+    sound_questions: int = 0  # 1: add a "what is heard from X s to Y s?" question per training sound event
     save_every: int = 200
 
     def __post_init__(self) -> None:
@@ -79,6 +81,16 @@ def read_records(data_dir: Path, split: str) -> list[dict[str, Any]]:
     """Chat records ({task, messages, target}) whose audio paths are relative to ``data_dir``."""
     with open(data_dir / f"records_{split}.jsonl", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def sound_question_records(data_dir: Path, seed: int) -> list[dict[str, Any]]:
+    """``--sound-questions``: a sound-kind question per foreground sound event of every training clip (seeded)."""
+    records = []
+    for meta in read_manifest(data_dir / "manifest.jsonl"):
+        if meta["split"] == "train":
+            rng = np.random.default_rng([seed, 11, meta["index"]])
+            records += sound_kind_records(meta, meta["audio"], rng)
+    return records
 
 
 def record_audio(record: dict[str, Any]) -> list[str]:
@@ -392,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     records = read_records(args.data, "train")
+    if cfg.sound_questions:
+        records += sound_question_records(args.data, cfg.seed)
     for path in args.extra_records:
         records += [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     tokenizer_dir = args.out / "tokenizer"

@@ -153,7 +153,8 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     from model import load_model
 
     args = ["--data", str(dataset), "--out", str(tmp_path / "run"), "--pretrain-steps", "2", "--align-steps", "2",
-            "--sft-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400"]
+            "--sft-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
+            "--sound-questions", "1"]
     assert main([*args, "--export", str(tmp_path / "ckpt")]) == 0
     log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
     assert [row["stage"] for row in log] == ["pretrain"] * 2 + ["align"] * 2 + ["sft"] * 2
@@ -163,6 +164,25 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert main(args) == 0
     assert len(open(tmp_path / "run" / "train_log.jsonl").readlines()) == 6
     assert "resuming: stage sft step 2" in capsys.readouterr().out
+
+
+def test_sound_questions_ask_about_every_training_sound_event(dataset: Path) -> None:
+    """--sound-questions: one question per foreground sound of each training clip, its span and kind right."""
+    from model.data.synth import read_manifest
+    from model.data.tasks import KIND_LABELS, foreground_events
+    from model.train import sound_question_records
+
+    records = sound_question_records(dataset, seed=0)
+    expected = [(m["id"], e) for m in read_manifest(dataset / "manifest.jsonl") if m["split"] == "train"
+                for e in foreground_events(m) if e["kind"] != "speech"]
+    assert expected and len(records) == len(expected)
+    for record, (clip_id, event) in zip(records, expected, strict=True):
+        question = record["messages"][0]["content"][-1]["text"]
+        assert record["clip_id"] == clip_id and record["question_kind"] == "sound_kind"
+        assert question.startswith(f"What is heard from {event['start_s']:.1f} s to {event['end_s']:.1f} s?")
+        letter, text = record["target"].split(". ", 1)
+        assert text == KIND_LABELS[event["kind"]] and f"\n{letter}. {text}" in question
+    assert records == sound_question_records(dataset, seed=0)  # seeded
 
 
 def test_trait_term_reads_each_speech_event_and_trains(dataset: Path) -> None:

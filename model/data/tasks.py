@@ -282,6 +282,33 @@ def q_duration(meta, rng):
     return multiple_choice("duration", "About how long is the clip?", correct, far, rng)
 
 
+def sound_kind_questions(meta: dict[str, Any], rng: np.random.Generator) -> list[dict[str, str]]:
+    """One "what is heard from X s to Y s?" question per foreground sound (not speech): a training aid.
+
+    Why: a caption names each sound's kind, but that word is one of ~60 answer tokens, and Eureka-mini learnt to
+    name sounds poorly — in 35 % of *training* captions — although its adapter's outputs carry the kind (a linear
+    probe reads it for 98 % of training and 89 % of held-out events). A question per event gives the kind a whole
+    answer's weight, in the caption's own time-span wording. Not among ``QUESTION_BUILDERS``: the dataset's records
+    and its held-out questions stay as generated; ``python -m model.train --sound-questions 1`` adds these.
+    """
+    questions = []
+    for event in foreground_events(meta):
+        if event["kind"] == "speech":
+            continue
+        span = f"from {event['start_s']:.1f} s to {event['end_s']:.1f} s"
+        distractors = [label for kind, label in KIND_LABELS.items() if kind != event["kind"]]
+        questions.append(multiple_choice("sound_kind", f"What is heard {span}?", KIND_LABELS[event["kind"]],
+                                         distractors, rng))
+    return questions
+
+
+def sound_kind_records(meta: dict[str, Any], audio_path: str, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """:func:`sound_kind_questions` as chat records, in ``to_chat_records``' format."""
+    return [{"task": "qa", "messages": [user_message(audio_path, question["question"])],
+             "target": answer_target(question), "clip_id": meta["id"], "question_kind": question["kind"]}
+            for question in sound_kind_questions(meta, rng)]
+
+
 QUESTION_BUILDERS: dict[str, Callable[[dict, np.random.Generator], dict | None]] = {
     "gender": q_gender, "rate": q_rate, "voice_pitch": q_voice_pitch, "accent": q_accent,
     "transcript": q_transcript, "speech_present": q_speech_present, "speaker_count": q_speaker_count,
