@@ -109,6 +109,11 @@ def supports_fused_step(backbone: PreTrainedModel, any_size: bool = False) -> bo
         any_size or sum(m.weight.nbytes for m in linears) <= FUSED_STEP_MAX_BYTES)
 
 
+def cuda_graphs_allowed() -> bool:
+    """``$EUREKA_CUDA_GRAPHS`` is not 0 (the app sets 0 on ZeroGPU, which lends a GPU per call)."""
+    return os.environ.get("EUREKA_CUDA_GRAPHS", "1") != "0"
+
+
 def _fits_second_copy(backbone: PreTrainedModel) -> bool:
     """Whether the device has room for the fused step's concatenated weights, with as much again to spare."""
     free_bytes, _ = torch.cuda.mem_get_info(backbone.device)
@@ -327,8 +332,7 @@ class FastDecoder:
         self._module_step_fn = self._layers_step if walkable else self._forward
         self._step_fn = self._module_step_fn
         if cuda_graphs is None:
-            cuda_graphs = backbone.device.type == "cuda" and not compile_step and \
-                os.environ.get("EUREKA_CUDA_GRAPHS", "1") != "0"
+            cuda_graphs = backbone.device.type == "cuda" and not compile_step and cuda_graphs_allowed()
         self.cuda_graphs = cuda_graphs
         self.overlap = backbone.device.type == "cuda" if overlap is None else overlap
         if fused is None:

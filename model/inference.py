@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,14 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from .audio import FRAMES_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioFeatures, audio_features, chunk_log_mel
 from .batcher import Batcher, BatchRequest
 from .config import EurekaConfig
-from .fast_decode import EncoderCache, FastDecoder, clip_key, encode_trimmed, supports_fast_decode
+from .fast_decode import (
+    EncoderCache,
+    FastDecoder,
+    clip_key,
+    cuda_graphs_allowed,
+    encode_trimmed,
+    supports_fast_decode,
+)
 from .modeling import EurekaAudioModel, RouterOutput
 from .prompts import Prompt, SpecialTokenIds, audio_items, build_prompt
 from .quantize import can_pack, set_weight_layout, weight_layout
@@ -349,7 +355,7 @@ class EurekaAudio:
             if compiled not in self._decoders:
                 # On a GPU the compiled step gets CUDA graphs too (490 vs 285 tokens/s for the eager fused step's
                 # graphs on an H200, after a ~30 s compile per cache length; docs/performance.md).
-                graphs = self.model.backbone.device.type == "cuda" and os.environ.get("EUREKA_CUDA_GRAPHS", "1") != "0"
+                graphs = self.model.backbone.device.type == "cuda" and cuda_graphs_allowed()
                 self._decoders[compiled] = FastDecoder(
                     self.model.backbone, compile_step=compiled,
                     compile_mode="reduce-overhead" if compiled and graphs else None)
