@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .data.synth import read_manifest
-from .data.tasks import caption_facts, labelled_caption_facts
+from .data.tasks import labelled_caption_facts
 from .inference import EurekaAudio
 from .loading import load_model
 
@@ -153,14 +153,10 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     found = total = 0
     recall_by_kind: dict[str, list[bool]] = {}
     for record, text in zip(by_task["caption"], caption_out, strict=True):
-        meta, caption_text = metas_by_id[record["clip_id"]], text.lower()
-        facts = caption_facts(meta)
-        found += sum(fact in caption_text for fact in facts)
-        total += len(facts)
-        kind_of: dict[str, str] = {}  # the same de-duplication as caption_facts: a fact counts once, first kind
-        for kind, fact in labelled_caption_facts(meta):
-            kind_of.setdefault(fact, kind)
-        for fact, kind in kind_of.items():
+        caption_text = text.lower()
+        for kind, fact in labelled_caption_facts(metas_by_id[record["clip_id"]]):
+            found += fact in caption_text
+            total += 1
             recall_by_kind.setdefault(kind, []).append(fact in caption_text)
     qa_right = [chosen_option(question_text(r), o) == answer_letter(r["target"])
                 for r, o in zip(by_task["qa"], qa_out, strict=True)]

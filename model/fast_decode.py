@@ -459,6 +459,14 @@ class FastDecoder:
             next_pos = positions[:, -1:] + 1
             mask = kv_valid[:, None, None, :]
             steps = 0
+            copied = torch.cuda.Event() if self.overlap and device.type == "cuda" else None
+
+            def queue_next_step(step: int, next_tokens: torch.Tensor) -> None:
+                nonlocal logits, next_pos
+                kv_valid[:, prompt_len + step] = True
+                logits = step_fn(next_tokens[:, None], next_pos, mask, cache)
+                next_pos = next_pos + 1
+
             for step in range(total_new):
                 scores = processors(tokens[:, : prompt_len + step], logits.float())
                 if config.do_sample:
@@ -476,13 +484,10 @@ class FastDecoder:
                     # streams the token. A stop is then seen one step late; that step's result is dropped.
                     host_tokens = next_tokens.to("cpu", non_blocking=True)
                     host_unfinished = unfinished.to("cpu", non_blocking=True)  # a snapshot: the hook edits the original
-                    copied = torch.cuda.Event() if device.type == "cuda" else None
                     if copied is not None:
                         copied.record()
                     if steps < total_new:
-                        kv_valid[:, prompt_len + step] = True
-                        logits = step_fn(next_tokens[:, None], next_pos, mask, cache)
-                        next_pos = next_pos + 1
+                        queue_next_step(step, next_tokens)
                     if copied is not None:
                         copied.synchronize()
                     running = bool(host_unfinished.any())
@@ -499,9 +504,7 @@ class FastDecoder:
                 if not running:
                     break
                 if not self.overlap:
-                    kv_valid[:, prompt_len + step] = True
-                    logits = step_fn(next_tokens[:, None], next_pos, mask, cache)
-                    next_pos = next_pos + 1
+                    queue_next_step(step, next_tokens)
         finally:
             self.pool.give(batch, length, cache)
             if streamer is not None:

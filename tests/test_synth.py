@@ -259,11 +259,15 @@ def test_labelled_caption_facts_are_the_caption_facts(train_clips):
 
     for _, meta in train_clips:
         labelled = labelled_caption_facts(meta)
-        assert list(dict.fromkeys(fact for _, fact in labelled)) == caption_facts(meta)
-        kinds = {kind for kind, _ in labelled}
-        assert "duration" in kinds
-        if any(e["kind"] == "speech" for e in meta["events"]):
-            assert {"accent", "speaking rate", "transcript"} <= kinds
+        facts = [fact for _, fact in labelled]
+        assert facts == caption_facts(meta) and len(set(facts)) == len(facts)  # each fact once
+        assert ("duration", f"{meta['duration_s']:.1f}-second") in labelled
+        for event in meta["events"]:
+            if event["kind"] == "speech":
+                assert ("speaking rate", f"{event['rate_class']} rate") in labelled
+                assert ("transcript", event["text"]) in labelled
+            if event["kind"] == "tone":
+                assert ("frequency", f"{event['freq_hz']} hz") in labelled
 
 
 def test_chat_records_use_the_official_message_format(train_clips):

@@ -304,9 +304,7 @@ def sound_kind_questions(meta: dict[str, Any], rng: np.random.Generator) -> list
 
 def sound_kind_records(meta: dict[str, Any], audio_path: str, rng: np.random.Generator) -> list[dict[str, Any]]:
     """:func:`sound_kind_questions` as chat records, in ``to_chat_records``' format."""
-    return [{"task": "qa", "messages": [user_message(audio_path, question["question"])],
-             "target": answer_target(question), "clip_id": meta["id"], "question_kind": question["kind"]}
-            for question in sound_kind_questions(meta, rng)]
+    return [qa_record(meta, audio_path, question) for question in sound_kind_questions(meta, rng)]
 
 
 QUESTION_BUILDERS: dict[str, Callable[[dict, np.random.Generator], dict | None]] = {
@@ -433,11 +431,12 @@ def caption(meta: dict[str, Any]) -> str:
 
 def caption_facts(meta: dict[str, Any]) -> list[str]:
     """Lower-case facts an evaluator can look for in a generated caption (match against ``caption.lower()``)."""
-    return list(dict.fromkeys(fact for _, fact in labelled_caption_facts(meta)))
+    return [fact for _, fact in labelled_caption_facts(meta)]
 
 
 def labelled_caption_facts(meta: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(kind, fact)`` pairs behind :func:`caption_facts`: the evaluation reports recall per kind of fact."""
+    """``(kind, fact)`` pairs behind :func:`caption_facts`, each fact once (under its first kind): the evaluation
+    reports recall per kind of fact."""
     facts = [("duration", f"{meta['duration_s']:.1f}-second")]
     for event in foreground_events(meta):
         facts.extend(labelled_event_facts(event))
@@ -451,12 +450,10 @@ def labelled_caption_facts(meta: dict[str, Any]) -> list[tuple[str, str]]:
         facts.append(("speaker count", f"{number_word(speakers)} speakers"))
     if not foreground_events(meta) and bed is None:
         facts.append(("silence", "silence"))
-    return facts
-
-
-def event_facts(event: dict[str, Any]) -> list[str]:
-    """Short fact strings for one sounding event."""
-    return [fact for _, fact in labelled_event_facts(event)]
+    first_kind: dict[str, str] = {}
+    for kind, fact in facts:
+        first_kind.setdefault(fact, kind)
+    return [(kind, fact) for fact, kind in first_kind.items()]
 
 
 def labelled_event_facts(event: dict[str, Any]) -> list[tuple[str, str]]:
@@ -501,6 +498,12 @@ def asr_messages(audio_path: str) -> list[dict[str, Any]]:
     return [{"role": "system", "content": [{"type": "text", "text": ASR_SYSTEM_PROMPT}]}, user_message(audio_path)]
 
 
+def qa_record(meta: dict[str, Any], audio_path: str, question: dict[str, str]) -> dict[str, Any]:
+    """One multiple-choice question about the clip as a chat record."""
+    return {"task": "qa", "messages": [user_message(audio_path, question["question"])],
+            "target": answer_target(question), "clip_id": meta["id"], "question_kind": question["kind"]}
+
+
 def to_chat_records(meta: dict[str, Any], audio_path: str, rng: np.random.Generator,
                     n_questions: int = 2) -> list[dict[str, Any]]:
     """All training records of one clip: ASR (when someone speaks), ``n_questions`` QA items and a caption.
@@ -513,10 +516,7 @@ def to_chat_records(meta: dict[str, Any], audio_path: str, rng: np.random.Genera
     if text:
         records.append({"task": "asr", "messages": asr_messages(audio_path), "target": text,
                         "clip_id": meta["id"]})
-    for question in make_questions(meta, rng, n_questions):
-        records.append({"task": "qa", "messages": [user_message(audio_path, question["question"])],
-                        "target": answer_target(question), "clip_id": meta["id"],
-                        "question_kind": question["kind"]})
+    records += [qa_record(meta, audio_path, question) for question in make_questions(meta, rng, n_questions)]
     records.append({"task": "caption", "messages": [user_message(audio_path, CAPTION_PROMPT)],
                     "target": caption(meta), "clip_id": meta["id"]})
     return records
