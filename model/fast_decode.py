@@ -570,32 +570,50 @@ class EncoderCache:
         return {"items": len(self._items), "hits": self.hits, "misses": self.misses}
 
 
-def _encoder_forward(encoder: torch.nn.Module, mel: torch.Tensor) -> torch.Tensor:
-    """openai-whisper's ``AudioEncoder.forward`` without its full-window assertion: positions ``[0, frames)`` only."""
+def _encoder_forward(encoder: torch.nn.Module, mel: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
+    """openai-whisper's ``AudioEncoder.forward`` without its full-window assertion: positions ``[0, frames)`` only.
+
+    ``blocks``: stop after that many residual blocks and return the hidden state (no ``ln_post``): training caches it
+    to fine-tune the remaining blocks (:func:`encoder_tail`).
+    """
     x = F.gelu(encoder.conv1(mel))
     x = F.gelu(encoder.conv2(x))
     x = x.permute(0, 2, 1)
     x = (x + encoder.positional_embedding[: x.shape[1]]).to(x.dtype)
-    for block in encoder.blocks:
+    for block in encoder.blocks[:blocks]:
         x = block(x)
-    return encoder.ln_post(x)
+    return x if blocks is not None else encoder.ln_post(x)
 
 
-def encode_trimmed(encoder: torch.nn.Module, log_mel: torch.Tensor, chunk_frames: int = 3000) -> torch.Tensor:
+def encoder_tail(encoder: torch.nn.Module, hidden: torch.Tensor, blocks: int, chunk_frames: int = 1500) -> torch.Tensor:
+    """[frames, d] hidden state after ``blocks`` blocks (from ``encode_trimmed(..., blocks=blocks)``) → the encoder's
+    output: the remaining blocks and ``ln_post``, each 30 s chunk attending only to itself, as in one full pass."""
+    outputs = []
+    for chunk in hidden.split(chunk_frames):
+        x = chunk[None]
+        for block in encoder.blocks[blocks:]:
+            x = block(x)
+        outputs.append(encoder.ln_post(x)[0])
+    return torch.cat(outputs)
+
+
+def encode_trimmed(encoder: torch.nn.Module, log_mel: torch.Tensor, chunk_frames: int = 3000,
+                   blocks: int | None = None) -> torch.Tensor:
     """[n_mels, frames] → [frames // 2, d]: full 30 s chunks as usual, the partial last one without its padding.
 
     The official model runs every chunk over the padded 30 s window (attention over silence included); this skips
     the padded frames — up to 3× less encoder work for a 10 s clip — at the cost of a distribution shift, so it is
-    opt-in and its quality change is measured on Eureka-mini's evaluation (docs/performance.md).
+    opt-in and its quality change is measured on Eureka-mini's evaluation (docs/performance.md). ``blocks``: return
+    the hidden state after that many blocks instead (see :func:`_encoder_forward`).
     """
     dtype = encoder.conv1.weight.dtype
     n_full, rest = divmod(log_mel.shape[-1], chunk_frames)
     parts = []
     if n_full:
         full = log_mel[:, : n_full * chunk_frames].reshape(log_mel.shape[0], n_full, chunk_frames).permute(1, 0, 2)
-        frames = _encoder_forward(encoder, full.contiguous().to(dtype))
+        frames = _encoder_forward(encoder, full.contiguous().to(dtype), blocks)
         parts.append(frames.reshape(-1, frames.shape[-1]))
     if rest:
         tail = log_mel[None, :, n_full * chunk_frames :].to(dtype)
-        parts.append(_encoder_forward(encoder, tail)[0])
+        parts.append(_encoder_forward(encoder, tail, blocks)[0])
     return torch.cat(parts)

@@ -13,7 +13,7 @@ from conftest import noise, tone
 from model import load_model, task_messages
 from model.audio import chunk_log_mel
 from model.config import EurekaConfig
-from model.fast_decode import EncoderCache, clip_key, encode_trimmed, logits_processors
+from model.fast_decode import EncoderCache, clip_key, encode_trimmed, encoder_tail, logits_processors
 from model.inference import GenerationSettings
 from model.loading import MINI_DIR
 from model.quantize import (
@@ -407,6 +407,19 @@ def test_trimmed_encoder_equals_full_window_on_whole_chunks(tiny) -> None:
         full = tiny.model.audio_encoder(chunk_log_mel(features.log_mel))
         trimmed = encode_trimmed(tiny.model.audio_encoder, features.log_mel)
     torch.testing.assert_close(trimmed, full.reshape(-1, full.shape[-1]))
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_encoder_tail_finishes_a_cached_hidden_state_exactly(tiny, blocks: int) -> None:
+    """Training caches the hidden state after the first blocks and runs the rest per batch (``--encoder-layers``):
+    together they must be the encoder inference runs, also across a 30 s chunk boundary (37 s clip)."""
+    features = tiny.features(clip(37.0))
+    with torch.inference_mode():
+        whole = encode_trimmed(tiny.model.audio_encoder, features.log_mel)
+        hidden = encode_trimmed(tiny.model.audio_encoder, features.log_mel, blocks=blocks)
+        resumed = encoder_tail(tiny.model.audio_encoder, hidden, blocks)
+    assert hidden.shape == whole.shape and not torch.equal(hidden, whole)
+    torch.testing.assert_close(resumed, whole, rtol=0, atol=1e-5)
 
 
 def test_trimmed_encoder_is_opt_in_and_keeps_shapes(fresh) -> None:

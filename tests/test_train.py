@@ -17,6 +17,7 @@ from model.prompts import SpecialTokenIds
 from model.train import (
     IGNORE,
     CTCHead,
+    Example,
     TrainConfig,
     TraitHead,
     cache_encoder_outputs,
@@ -25,6 +26,7 @@ from model.train import (
     make_example,
     per_answer_loss,
     record_audio,
+    sampler,
     speech_spans,
     spoken_tokens,
     step_loss,
@@ -164,6 +166,57 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert main(args) == 0
     assert len(open(tmp_path / "run" / "train_log.jsonl").readlines()) == 6
     assert "resuming: stage sft step 2" in capsys.readouterr().out
+
+
+def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Path, tmp_path: Path) -> None:
+    """--encoder-layers 1: the last Whisper block and ln_post learn in SFT (from a cached hidden state); the blocks
+    before it stay the real Whisper weights, and the exported checkpoint carries the trained ones."""
+    from model import load_model
+    from model.whisper_ct2 import load_whisper_tiny_en_encoder
+
+    run = tmp_path / "run"
+    assert main(["--data", str(dataset), "--out", str(run), "--pretrain-steps", "1", "--align-steps", "1",
+                 "--sft-steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
+                 "--encoder-layers", "1", "--encoder-lr-scale", "1", "--records-per-clip", "2",
+                 "--length-buckets", "2", "--export", str(tmp_path / "ckpt")]) == 0
+    whisper = load_whisper_tiny_en_encoder().state_dict()
+    trained = torch.load(run / "resume.pt", weights_only=False)["model"]
+    changed = {name.rsplit(".", 1)[0] for name in whisper
+               if not torch.equal(trained[f"audio_encoder.{name}"], whisper[name])}
+    assert changed == {"blocks.3.attn.query", "blocks.3.attn.key", "blocks.3.attn.value", "blocks.3.attn.out",
+                       "blocks.3.attn_ln", "blocks.3.mlp.0", "blocks.3.mlp.2", "blocks.3.mlp_ln", "ln_post"}
+    assert (run / "encoder_hidden_trimmed_3.pt").is_file()
+    exported = load_model(tmp_path / "ckpt").model.audio_encoder.state_dict()
+    torch.testing.assert_close(exported["ln_post.weight"].float(), trained["audio_encoder.ln_post.weight"],
+                               rtol=0, atol=1e-3)  # stored in float16
+
+
+def fake_examples(clips: int, per_clip: int) -> list[Example]:
+    """Records of different lengths about ``clips`` clips (what the sampler looks at: length and clip)."""
+    return [Example([0] * (10 + 37 * ((c * per_clip + r) % 7)), [], [f"clip{c}.wav"])
+            for c in range(clips) for r in range(per_clip)]
+
+
+def padding(batch: list[Example]) -> int:
+    return max(len(e.input_ids) for e in batch) * len(batch) - sum(len(e.input_ids) for e in batch)
+
+
+def test_sampler_groups_records_by_clip_and_by_length_deterministically() -> None:
+    import random
+
+    items = fake_examples(40, 5)
+    plain = sampler(items, 8, 0, "sft")
+    assert plain(3) == random.Random("0-sft-3").sample(items, 8)  # the default is the original draw
+    grouped = sampler(items, 8, 0, "sft", records_per_clip=4, length_buckets=4)
+    again = sampler(items, 8, 0, "sft", records_per_clip=4, length_buckets=4)
+    for step in range(12):
+        batch = grouped(step)
+        assert batch == again(step) == grouped(step)  # by step only: a resumed run sees the same batches
+        assert len(batch) == 8 and all(len({e.audio[0] for e in batch[i : i + 4]}) == 1 for i in (0, 4))
+    bucketed, steps = sampler(items, 8, 0, "sft", length_buckets=8), range(64)
+    assert sum(padding(bucketed(s)) for s in steps) < 0.5 * sum(padding(plain(s)) for s in steps)
+    text = [Example([0] * n, [], []) for n in range(5, 50)]
+    assert len(sampler(text, 8, 0, "pretrain", records_per_clip=4, length_buckets=4)(0)) == 8
 
 
 def test_sound_questions_ask_about_every_training_sound_event(dataset: Path) -> None:
