@@ -217,6 +217,8 @@ def test_sampler_groups_records_by_clip_and_by_length_deterministically() -> Non
     assert sum(padding(bucketed(s)) for s in steps) < 0.5 * sum(padding(plain(s)) for s in steps)
     text = [Example([0] * n, [], []) for n in range(5, 50)]
     assert len(sampler(text, 8, 0, "pretrain", records_per_clip=4, length_buckets=4)(0)) == 8
+    with pytest.raises(ValueError, match="not a multiple of records_per_clip"):
+        TrainConfig(batch_size=16, records_per_clip=3)
 
 
 def test_sound_questions_ask_about_every_training_sound_event(dataset: Path) -> None:
