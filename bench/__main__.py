@@ -99,7 +99,8 @@ def run_model(name: str, args: argparse.Namespace, bandwidth: dict[str, Any] | N
         step("trim", other_window)
     levels = tuple(int(x) for x in args.levels.split(","))
     step("concurrency", suites.concurrency, model, levels,
-         ("reference", "fast", "fast+batching") + (() if own_trim else ("fast+batching+trim",)), args.new_tokens,
+         ("reference", "fast", "fast+batching") + (("fast+fixed-batches",) if model.decoder().joinable else ())
+         + (() if own_trim else ("fast+batching+trim",)), args.new_tokens,
          args.requests_per_client, 5.0 if not args.quick else 1.0, data)
     step("profile", lambda: {e: suites.profile_decode(model, e, 8, 10.0 if not args.quick else 2.0, data)
                              for e in ("reference", "fast")})

@@ -246,8 +246,10 @@ def concurrency(
 ) -> dict[str, Any]:
     """N clients (threads) each sending requests back to back through the app's path: prepare → decode → text.
 
-    Configs: ``reference``, ``fast`` (no batching), ``fast+batching``, and ``fast+batching+trim`` (opt-in trimmed
-    encoder as well: for short clips the full-window encoder, not decode, dominates a request).
+    Configs: ``reference``, ``fast`` (no batching), ``fast+batching`` (the app's batcher: continuous where the
+    decoder supports it), ``fast+fixed-batches`` (the batcher with continuous batching off: a batch decodes to the
+    end before the next starts), and ``fast+batching+trim`` (opt-in trimmed encoder as well: for short clips the
+    full-window encoder, not decode, dominates a request).
 
     Every request decodes exactly ``new_tokens`` tokens (EOS ignored) so configurations do the same work; each
     request has its own clip, so the encoder cache never helps. ``use_stream`` goes through ``stream`` instead
@@ -261,8 +263,8 @@ def concurrency(
         for config in configs:
             engine = config.split("+")[0]
             reference_layout(model, engine)
-            if "+batching" in config:
-                model.enable_batching(window_ms=5.0, max_batch=max(levels))
+            if "+batching" in config or "+fixed-batches" in config:
+                model.enable_batching(window_ms=5.0, max_batch=max(levels), continuous="+batching" in config)
             else:
                 model.disable_batching()
             model.trim_encoder = own_trim or "+trim" in config
@@ -276,7 +278,9 @@ def concurrency(
                                                  use_stream)
                 if model.batcher is not None:
                     per_level[str(level)]["batch_sizes"] = list(model.batcher.batch_sizes)
+                    per_level[str(level)]["mean_rows"] = list(model.batcher.mean_rows)
                     model.batcher.batch_sizes.clear()
+                    model.batcher.mean_rows.clear()
             base = per_level[str(levels[0])]["aggregate_tokens_per_s"]
             for row in per_level.values():
                 row["scaling_vs_first_level"] = _ratio(row["aggregate_tokens_per_s"], base)

@@ -186,22 +186,10 @@ class FusedQwen3Step:
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: StaticCache
     ) -> torch.Tensor:
-        batch, n_qk, head_dim = input_ids.shape[0], self.n_heads + self.n_kv_heads, self.head_dim
-        hidden = self.embed_tokens(input_ids)
-        if self.graph_safe or int(position_ids.max()) < self.cos.shape[0]:
-            cos, sin = self.cos[position_ids], self.signed_sin[position_ids]  # [batch, 1, head_dim]
-        else:  # past the table: the module's own (unsigned) sin, applied with rotate_half's sign below
-            cos, sin = self.rotary_emb(hidden, position_ids)
-            sin = torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2 :]], -1)
         slot = None if self.graph_safe else int(cache.layers[0].cumulative_length)
-        for (in_norm, qkv, qk_norm, out_proj, post_norm, gate_up, down), kv in zip(self.layers, cache.layers,
-                                                                                 strict=True):
-            qk, value = F.linear(self.norm(hidden, in_norm), qkv).split(
-                [n_qk * head_dim, self.n_kv_heads * head_dim], -1)
-            qk = self.norm(qk.view(batch, n_qk, head_dim), qk_norm)
-            qk = qk * cos + qk.roll(head_dim // 2, -1) * sin
-            query, key = qk.split([self.n_heads, self.n_kv_heads], 1)
-            value = value.view(batch, self.n_kv_heads, head_dim)
+
+        def store(index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            kv = cache.layers[index]
             if not kv.is_initialized:  # a cache no prefill has written to yet
                 kv.lazy_initialization(key[:, :, None], value[:, :, None])
             if self.graph_safe:  # the slot is the layer's device-side counter
@@ -212,7 +200,45 @@ class FusedQwen3Step:
                 kv.keys[:, :, slot] = key
                 kv.values[:, :, slot] = value
                 kv.cumulative_length += 1
-            attended = F.scaled_dot_product_attention(query[:, :, None], kv.keys, kv.values, attn_mask=mask,
+            return kv.keys, kv.values
+
+        return self._step(input_ids, position_ids, mask, store)
+
+    def step_rows(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+        kv: Sequence[tuple[torch.Tensor, torch.Tensor]], slot: int,
+    ) -> torch.Tensor:
+        """The same step over plain key/value buffers (``[rows, kv_heads, length, head_dim]`` per layer, e.g. the
+        first rows of a larger buffer): writes slot ``slot`` and attends over slots ``[0, slot]`` (``mask`` covers
+        exactly those). The continuous batcher (``batcher.Batcher``) decodes through this."""
+
+        def store(index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = kv[index]
+            keys[:, :, slot] = key
+            values[:, :, slot] = value
+            return keys[:, :, : slot + 1], values[:, :, : slot + 1]
+
+        return self._step(input_ids, position_ids, mask, store)
+
+    def _step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+        store: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        batch, n_qk, head_dim = input_ids.shape[0], self.n_heads + self.n_kv_heads, self.head_dim
+        hidden = self.embed_tokens(input_ids)
+        if self.graph_safe or int(position_ids.max()) < self.cos.shape[0]:
+            cos, sin = self.cos[position_ids], self.signed_sin[position_ids]  # [batch, 1, head_dim]
+        else:  # past the table: the module's own (unsigned) sin, applied with rotate_half's sign below
+            cos, sin = self.rotary_emb(hidden, position_ids)
+            sin = torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2 :]], -1)
+        for index, (in_norm, qkv, qk_norm, out_proj, post_norm, gate_up, down) in enumerate(self.layers):
+            qk, value = F.linear(self.norm(hidden, in_norm), qkv).split(
+                [n_qk * head_dim, self.n_kv_heads * head_dim], -1)
+            qk = self.norm(qk.view(batch, n_qk, head_dim), qk_norm)
+            qk = qk * cos + qk.roll(head_dim // 2, -1) * sin
+            query, key = qk.split([self.n_heads, self.n_kv_heads], 1)
+            keys, values = store(index, key, value.view(batch, self.n_kv_heads, head_dim))
+            attended = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask,
                                                       scale=head_dim**-0.5, enable_gqa=True)
             hidden = hidden + F.linear(attended.view(batch, 1, -1), out_proj)
             gate, up = F.linear(self.norm(hidden, post_norm), gate_up).split([self.intermediate] * 2, -1)
@@ -396,6 +422,58 @@ class FastDecoder:
                            position_ids=position_ids, cache=cache, use_cache=True)
         return self.backbone.lm_head(inner.norm(hidden)[:, -1])
 
+    def _prefill(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv_valid: torch.Tensor,
+                 cache: StaticCache) -> torch.Tensor:
+        """Run a left-padded prompt into ``cache``: causal, padding excluded (a padding query attends to itself
+        only, so no row is fully masked). Returns the logits for each row's first new token."""
+        prompt_len, length = inputs_embeds.shape[1], kv_valid.shape[1]
+        device = inputs_embeds.device
+        causal = torch.ones(prompt_len, length, dtype=torch.bool, device=device).tril()
+        prefill_mask = (causal[None] & kv_valid[:, None, :]) | torch.eye(
+            prompt_len, length, dtype=torch.bool, device=device
+        )[None]
+        return self.backbone(
+            inputs_embeds=inputs_embeds,
+            position_ids=positions,
+            attention_mask={"full_attention": prefill_mask[:, None]},
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+
+    @property
+    def joinable(self) -> bool:
+        """Whether the step can decode rows that join a running batch (``FusedQwen3Step.step_rows``): the eager
+        fused step. Graphed and compiled steps replay fixed shapes and a fixed cache, so they decode fixed batches."""
+        return isinstance(self._step_fn, FusedQwen3Step) and not self._step_fn.graph_safe
+
+    @torch.inference_mode()
+    def prefill_one(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, max_new_tokens: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """One unpadded prompt through the backbone, exactly as :meth:`decode` prefills it alone: its keys and
+        values (``[kv_heads, prompt, head_dim]`` per layer) and the logits for its first new token."""
+        prompt_len = input_ids.shape[0]
+        length = -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        kv_valid = torch.zeros(1, length, dtype=torch.bool, device=inputs_embeds.device)
+        kv_valid[:, :prompt_len] = True
+        positions = torch.arange(prompt_len, device=inputs_embeds.device)[None]
+        cache = self.pool.take(self.backbone.config, 1, length)
+        try:
+            logits = self._prefill(inputs_embeds[None], positions, kv_valid, cache)[0]
+            kv = [(layer.keys[0, :, :prompt_len].clone(), layer.values[0, :, :prompt_len].clone())
+                  for layer in cache.layers]
+        finally:
+            self.pool.give(1, length, cache)
+        return kv, logits
+
+    @property
+    def step_rows(self) -> Callable[..., torch.Tensor]:
+        """The fused step over plain key/value buffers (only when :attr:`joinable`)."""
+        if not self.joinable:
+            raise RuntimeError("this decoder's step cannot take joining rows")
+        return self._step_fn.step_rows
+
     @torch.inference_mode()
     def decode(
         self,
@@ -441,20 +519,7 @@ class FastDecoder:
             streamer.put(input_ids.cpu())
         cache = self.pool.take(self.backbone.config, batch, length)
         try:
-            # Prefill: causal over the prompt, padding excluded; a padding query attends to itself only, so no row
-            # is fully masked.
-            causal = torch.ones(prompt_len, length, dtype=torch.bool, device=device).tril()
-            prefill_mask = (causal[None] & kv_valid[:, None, :]) | torch.eye(
-                prompt_len, length, dtype=torch.bool, device=device
-            )[None]
-            logits = self.backbone(
-                inputs_embeds=inputs_embeds,
-                position_ids=positions,
-                attention_mask={"full_attention": prefill_mask[:, None]},
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            logits = self._prefill(inputs_embeds, positions, kv_valid, cache)
             unfinished = torch.ones(batch, dtype=torch.bool, device=device)
             next_pos = positions[:, -1:] + 1
             mask = kv_valid[:, None, None, :]

@@ -361,12 +361,14 @@ class EurekaAudio:
                     compile_mode="reduce-overhead" if compiled and graphs else None)
             return self._decoders[compiled]
 
-    def enable_batching(self, window_ms: float = 5.0, max_batch: int = 8, max_wait_ms: float = 250.0) -> Batcher:
+    def enable_batching(self, window_ms: float = 5.0, max_batch: int = 8, max_wait_ms: float = 250.0,
+                        continuous: bool = True) -> Batcher:
         """Let concurrent single-conversation ``generate``/``stream`` calls on the fast engine share batched decodes.
 
-        A starting batch waits up to ``max_wait_ms`` for requests still being prepared (see ``Batcher``)."""
+        A starting batch waits up to ``max_wait_ms`` for requests still being prepared; with ``continuous`` (where
+        the decoder supports it) later requests join a running batch (see ``Batcher``)."""
         self.batcher = Batcher(self.decoder(), self.special_ids.pad, window_s=window_ms / 1000, max_batch=max_batch,
-                               max_wait_s=max_wait_ms / 1000)
+                               max_wait_s=max_wait_ms / 1000, continuous=continuous)
         return self.batcher
 
     def disable_batching(self) -> None:

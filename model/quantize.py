@@ -358,7 +358,8 @@ def quantize_int8(model: Any, include_lm_head: bool = True) -> dict[str, Any]:
     model._layout_set = True  # int8 modules keep their own kernel
     model._decoders.clear()
     if model.batcher is not None:
-        model.enable_batching(model.batcher.window_s * 1000, model.batcher.max_batch)
+        batcher = model.batcher
+        model.enable_batching(batcher.window_s * 1000, batcher.max_batch, batcher.max_wait_s * 1000, batcher.continuous)
     return report
 
 

@@ -12,6 +12,7 @@ from conftest import noise, tone
 
 from model import load_model, task_messages
 from model.audio import chunk_log_mel
+from model.batcher import BatchRequest
 from model.config import EurekaConfig
 from model.fast_decode import EncoderCache, clip_key, encode_trimmed, encoder_tail, logits_processors
 from model.inference import GenerationSettings
@@ -267,7 +268,7 @@ def test_a_starting_batch_waits_for_requests_still_being_prepared(fresh) -> None
     """Concurrent users finish preparing at different times; an announced request joins the batch instead of
     waiting for all of it. The wait is bounded by ``max_wait_ms`` when an announced request never arrives."""
     singles = [fresh.generate(c, max_new_tokens=12) for c in CONVERSATIONS[:2]]
-    batcher = fresh.enable_batching(window_ms=1, max_batch=8, max_wait_ms=60_000)
+    batcher = fresh.enable_batching(window_ms=1, max_batch=8, max_wait_ms=60_000, continuous=False)
     results: dict[int, str] = {}
 
     def call(i: int) -> None:
@@ -293,14 +294,14 @@ def test_a_starting_batch_waits_for_requests_still_being_prepared(fresh) -> None
     assert batcher.batch_sizes == [2, 1]
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_batched_rows_keep_their_own_limits_and_settings(fresh, overlap: bool) -> None:
-    """Also with the decode overlapped (the CUDA default), where the batcher's per-row stops are decided on the
-    host copies of the tokens."""
+@pytest.mark.parametrize(("continuous", "overlap"), [(True, False), (False, False), (False, True)])
+def test_batched_rows_keep_their_own_limits_and_settings(fresh, continuous: bool, overlap: bool) -> None:
+    """Continuous and fixed batches; fixed ones also with the decode overlapped (the CUDA default), where the
+    batcher's per-row stops are decided on the host copies of the tokens."""
     expected = [fresh.generate(c, max_new_tokens=n) for c, n in zip(CONVERSATIONS, (5, 17, 40, 9), strict=True)]
     sampled = fresh.generate(CONVERSATIONS[1], max_new_tokens=12, temperature=0.9, seed=4)
     fresh.decoder().overlap = overlap
-    fresh.enable_batching(window_ms=200)
+    fresh.enable_batching(window_ms=200, continuous=continuous)
     results: dict[int, str] = {}
 
     def call(i: int, **kw) -> None:
@@ -316,6 +317,104 @@ def test_batched_rows_keep_their_own_limits_and_settings(fresh, overlap: bool) -
         thread.join()
     assert [results[i] for i in range(4)] == expected
     assert results[5] == sampled  # a seeded sampling request runs alone, so its draws are reproducible
+
+
+def submit_held(model, messages, max_new_tokens: int, release: threading.Event, **settings):
+    """Submit a request whose first token blocks the batcher's loop until ``release`` is set (so others can be
+    queued while it is known to be running); returns the request and the thread waiting for it."""
+    prepared = model.prepare([messages])
+    config = model._settings(None, {"max_new_tokens": max_new_tokens, **settings}).to_generation_config(
+        model.special_ids)
+    request = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0], config=config,
+                           on_token=lambda token: release.wait(30))
+    runner = threading.Thread(target=model.batcher.run, args=(request,))
+    runner.start()
+    return request, runner
+
+
+def test_requests_join_a_running_batch_and_equal_single_requests(fresh) -> None:
+    """Continuous batching: requests that arrive while a batch decodes join it at the next step (one run serves
+    them all) and each gets exactly its single-request tokens, whatever slots its prompt landed in."""
+    singles = {i: new_ids(fresh, CONVERSATIONS[i], GenerationSettings(max_new_tokens=n), "fast")
+               for i, n in ((0, 60), (1, 25), (2, 40), (3, 9))}
+    batcher = fresh.enable_batching(window_ms=1)
+    assert batcher.joining
+    release = threading.Event()
+    first, runner = submit_held(fresh, CONVERSATIONS[0], 60, release)
+    results: dict[int, list[int]] = {}
+
+    def call(i: int, n: int) -> None:
+        results[i] = new_ids(fresh, CONVERSATIONS[i], GenerationSettings(max_new_tokens=n), "fast")
+
+    callers = [threading.Thread(target=call, args=(i, n)) for i, n in ((1, 25), (2, 40), (3, 9))]
+    for caller in callers:
+        caller.start()
+    deadline = time.time() + 30
+    while len(batcher._pending) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    release.set()
+    runner.join(30)
+    for caller in callers:
+        caller.join(30)
+    assert first.tokens == singles[0]
+    assert {i: results[i] for i in (1, 2, 3)} == {i: singles[i] for i in (1, 2, 3)}
+    deadline = time.time() + 10
+    while not batcher.idle and time.time() < deadline:  # the run's statistics are written as it ends
+        time.sleep(0.01)
+    assert batcher.batch_sizes == [4] and batcher.mean_rows[0] > 1
+
+
+def test_continuous_batch_slides_its_buffers_without_changing_tokens(fresh, monkeypatch) -> None:
+    """A queue of requests keeps one batch of 2 rows running far past the end of its buffers: the live slots slide
+    to the start (64-slot buckets here, so it happens several times) and every request still gets its own tokens.
+    The loop runs in the test's thread over a pre-filled queue, so the schedule is the same on every run."""
+    import model.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "CACHE_BUCKET", 64)
+    slides: list[int] = []
+    original = batcher_module._Rows._slide
+    monkeypatch.setattr(batcher_module._Rows, "_slide", lambda rows, offset: (slides.append(offset),
+                                                                                original(rows, offset)))
+    plan = [(3, 40)] + [(k % 4, 6 + (7 * k) % 40) for k in range(15)]
+    expected = [new_ids(fresh, CONVERSATIONS[i], GenerationSettings(max_new_tokens=n), "fast") for i, n in plan]
+    batcher = fresh.enable_batching(max_batch=2)
+    requests = []
+    for i, n in plan:
+        prepared = fresh.prepare([CONVERSATIONS[i]])
+        config = fresh._settings(None, {"max_new_tokens": n}).to_generation_config(fresh.special_ids)
+        request = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0],
+                               config=config)
+        request.prefilled = batcher.decoder.prefill_one(request.input_ids, request.inputs_embeds, n)
+        requests.append(request)
+    batcher._pending = [(r.group(), r) for r in requests[2:]]
+    batcher._decode_continuously(requests[:2])
+    assert [r.tokens for r in requests] == expected
+    assert batcher.batch_sizes == [len(plan)] and sum(offset < 0 for offset in slides) >= 2
+
+
+def test_a_request_with_other_settings_is_not_overtaken(fresh) -> None:
+    """A queued request that cannot join the running batch (other settings) runs next; same-settings requests that
+    arrive after it wait behind it instead of joining the running batch ahead of it."""
+    expected_sampled = fresh.generate(CONVERSATIONS[1], max_new_tokens=10, repetition_penalty=1.3)
+    expected_greedy = fresh.generate(CONVERSATIONS[2], max_new_tokens=10)
+    batcher = fresh.enable_batching(window_ms=1)
+    release = threading.Event()
+    _, runner = submit_held(fresh, CONVERSATIONS[0], 30, release)
+    results: dict[str, str] = {}
+    other = threading.Thread(target=lambda: results.update(
+        other=fresh.generate(CONVERSATIONS[1], max_new_tokens=10, repetition_penalty=1.3)))
+    other.start()
+    while len(batcher._pending) < 1:
+        time.sleep(0.01)
+    same = threading.Thread(target=lambda: results.update(same=fresh.generate(CONVERSATIONS[2], max_new_tokens=10)))
+    same.start()
+    while len(batcher._pending) < 2:
+        time.sleep(0.01)
+    release.set()
+    for thread in (runner, other, same):
+        thread.join(30)
+    assert results == {"other": expected_sampled, "same": expected_greedy}
+    assert batcher.batch_sizes == [1, 1, 1]
 
 
 def test_batched_stream_equals_generate_and_cancels(fresh) -> None:
