@@ -33,15 +33,27 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from transformers import GenerationConfig
 
 from .fast_decode import CACHE_BUCKET, FastDecoder, logits_processors
 
 _solo = itertools.count()
+
+
+@lru_cache(maxsize=1)
+def _threadpools() -> ThreadpoolController:
+    return ThreadpoolController()  # scans the loaded libraries once (~1 ms); limits are then cheap
+
+
+def one_openmp_thread() -> contextlib.AbstractContextManager:
+    """Limit the calling thread's OpenMP pool (torch's intra-op threads) to one thread for a while; other threads
+    keep theirs (OpenMP's thread count is per calling thread)."""
+    return _threadpools().limit(limits=1, user_api="openmp")
 
 
 @dataclass(eq=False)
@@ -102,7 +114,8 @@ class Batcher:
 
         For a continuous batch the prompt is prefilled here, in the caller's thread."""
         if self.joining and not request.seeded:
-            request.prefilled = self.decoder.prefill_one(request.input_ids, request.inputs_embeds, request.limit)
+            with self._beside_decoding():
+                request.prefilled = self.decoder.prefill_one(request.input_ids, request.inputs_embeds, request.limit)
         self.submit(request)
         request.done.wait()
         if request.error is not None:
@@ -128,12 +141,17 @@ class Batcher:
         with self._cond:
             self._preparing += 1
         try:
-            with self._prepare_lock if self.joining else contextlib.nullcontext():
+            with self._prepare_lock if self.joining else contextlib.nullcontext(), self._beside_decoding():
                 yield
         finally:
             with self._cond:
                 self._preparing -= 1
                 self._cond.notify_all()
+
+    def _beside_decoding(self) -> contextlib.AbstractContextManager:
+        """While a continuous batch decodes (on one core), work in the callers' threads takes one OpenMP thread too:
+        with two, its second thread fights the decode loop for its core and both slow down."""
+        return one_openmp_thread() if self.joining and self._runner is not None else contextlib.nullcontext()
 
     @property
     def joining(self) -> bool:
@@ -245,7 +263,7 @@ class Batcher:
         The loop runs on one OpenMP thread (this thread only): a small model's step is per-operation overhead,
         which a second thread does not shorten (measured: a batch-8 step of Eureka-mini is faster on one thread
         than on two), and the other core is then free for the next request's preparation."""
-        with threadpool_limits(limits=1, user_api="openmp"):
+        with one_openmp_thread():
             self._decode_rows(batch)
 
     def _decode_rows(self, batch: list[BatchRequest]) -> None:
