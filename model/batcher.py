@@ -33,27 +33,14 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from threadpoolctl import ThreadpoolController
 from transformers import GenerationConfig
 
-from .fast_decode import CACHE_BUCKET, FastDecoder, logits_processors
+from .fast_decode import CACHE_BUCKET, FastDecoder, logits_processors, one_openmp_thread
 
 _solo = itertools.count()
-
-
-@lru_cache(maxsize=1)
-def _threadpools() -> ThreadpoolController:
-    return ThreadpoolController()  # scans the loaded libraries once (~1 ms); limits are then cheap
-
-
-def one_openmp_thread() -> contextlib.AbstractContextManager:
-    """Limit the calling thread's OpenMP pool (torch's intra-op threads) to one thread for a while; other threads
-    keep theirs (OpenMP's thread count is per calling thread)."""
-    return _threadpools().limit(limits=1, user_api="openmp")
 
 
 @dataclass(eq=False)
@@ -260,9 +247,8 @@ class Batcher:
     def _decode_continuously(self, batch: list[BatchRequest]) -> None:
         """Decode ``batch`` while admitting same-settings requests that arrive, until no row is left.
 
-        The loop runs on one OpenMP thread (this thread only): a small model's step is per-operation overhead,
-        which a second thread does not shorten (measured: a batch-8 step of Eureka-mini is faster on one thread
-        than on two), and the other core is then free for the next request's preparation."""
+        The loop runs on one OpenMP thread (``one_openmp_thread``), leaving the other core to the next request's
+        preparation."""
         with one_openmp_thread():
             self._decode_rows(batch)
 
