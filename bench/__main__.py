@@ -44,6 +44,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--levels", default="1,4,8", help="concurrent clients")
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="concurrency: repeat the levels this many times, interleaved; report each one's median")
+    parser.add_argument("--configs", help="concurrency: comma-separated subset of reference, fast, fast+batching, "
+                        "fast+fixed-batches, fast+batching+trim (default: all that apply)")
     parser.add_argument("--quality-limit", type=int, default=40, help="held-out clips for the quality checks")
     parser.add_argument("--clips", default="10,30", help="clip seconds for time to first token")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
@@ -98,10 +102,12 @@ def run_model(name: str, args: argparse.Namespace, bandwidth: dict[str, Any] | N
                 model.trim_encoder = own_trim
         step("trim", other_window)
     levels = tuple(int(x) for x in args.levels.split(","))
-    step("concurrency", suites.concurrency, model, levels,
-         ("reference", "fast", "fast+batching") + (("fast+fixed-batches",) if model.decoder().joinable else ())
-         + (() if own_trim else ("fast+batching+trim",)), args.new_tokens,
-         args.requests_per_client, 5.0 if not args.quick else 1.0, data)
+    configs = ("reference", "fast", "fast+batching") + (("fast+fixed-batches",) if model.decoder().joinable else ()) \
+        + (() if own_trim else ("fast+batching+trim",))
+    if args.configs:
+        configs = tuple(c for c in configs if c in args.configs.split(","))
+    step("concurrency", suites.concurrency, model, levels, configs, args.new_tokens, args.requests_per_client,
+         5.0 if not args.quick else 1.0, data, rounds=args.rounds)
     step("profile", lambda: {e: suites.profile_decode(model, e, 8, 10.0 if not args.quick else 2.0, data)
                              for e in ("reference", "fast")})
     trained = "quality" in parts and data is not None and note.startswith("Eureka-mini (trained")

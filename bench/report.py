@@ -72,15 +72,21 @@ def _cache_table(cache: dict[str, Any]) -> list[str]:
 
 def _concurrency_table(conc: dict[str, Any]) -> list[str]:
     lines = [f"**Concurrency** — N client threads, {conc['requests_per_client']} requests each back to back, "
-             f"{conc['clip_s']:g} s clip per request (all different), exactly {conc['new_tokens']} new tokens.", "",
-             "| config | clients | aggregate tokens/s | × 1 client | p50 latency s | p95 latency s | batches |",
-             "|---|---|---|---|---|---|---|"]
+             f"{conc['clip_s']:g} s clip per request (all different), exactly {conc['new_tokens']} new tokens"
+             + (f"; {conc['rounds']} interleaved rounds, the median shown" if conc.get("rounds", 1) > 1 else "")
+             + ".", "",
+             "| config | clients | aggregate tokens/s | × 1 client | p50 latency s | p95 latency s | batches (rows "
+             "per step) | every round tokens/s |", "|---|---|---|---|---|---|---|---|"]
     for config, levels in conc["configs"].items():
         for level, row in levels.items():
             batches = row.get("batch_sizes")
+            rows = [r for r in row.get("mean_rows", []) if r != 1.0]
+            described = f"{batches}" + (f" ({', '.join(f'{r:g}' for r in rows)})" if rows else "") if batches else "–"
+            rounds = row.get("rounds_tokens_per_s")
             lines.append(f"| {config} | {level} | {row['aggregate_tokens_per_s']:.1f} | "
                          f"{row['scaling_vs_first_level']:.2f}× | {row['latency_p50_s']:.2f} | "
-                         f"{row['latency_p95_s']:.2f} | {batches if batches else '–'} |")
+                         f"{row['latency_p95_s']:.2f} | {described} | "
+                         f"{' / '.join(f'{x:.0f}' for x in rounds) if rounds else '–'} |")
     return lines + [""]
 
 

@@ -243,8 +243,13 @@ def concurrency(
     clip_s: float = 5.0,
     data_dir: Path | None = None,
     use_stream: bool = False,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """N clients (threads) each sending requests back to back through the app's path: prepare → decode → text.
+
+    ``rounds`` > 1 repeats every level that many times, levels interleaved (1, 4, 8, 1, 4, 8 …), and reports each
+    level's median round (all rounds' throughputs listed): on a host whose speed drifts by tens of percent between
+    minutes, a ratio of two single runs can be off by as much.
 
     Configs: ``reference``, ``fast`` (no batching), ``fast+batching`` (the app's batcher: continuous where the
     decoder supports it), ``fast+fixed-batches`` (the batcher with continuous batching off: a batch decodes to the
@@ -257,7 +262,7 @@ def concurrency(
     """
     clips = [test_clip(clip_s, data_dir, offset=i) for i in range(max(levels) * requests_per_client)]
     results: dict[str, Any] = {"new_tokens": new_tokens, "requests_per_client": requests_per_client,
-                               "clip_s": clip_s, "configs": {}}
+                               "clip_s": clip_s, "rounds": rounds, "configs": {}}
     previous_batcher, own_trim = model.batcher, model.trim_encoder
     try:
         for config in configs:
@@ -268,19 +273,26 @@ def concurrency(
             else:
                 model.disable_batching()
             model.trim_encoder = own_trim or "+trim" in config
-            per_level: dict[str, Any] = {}
             model.generate_ids(model.prepare([_qa(clips[0])]), _greedy(4), engine)  # warm-up
-            for level in levels:
-                if model.encoder_cache is not None:
-                    model.encoder_cache.clear()
-                wait_for_quiet()
-                per_level[str(level)] = _clients(model, engine, level, requests_per_client, clips, new_tokens,
-                                                 use_stream)
-                if model.batcher is not None:
-                    per_level[str(level)]["batch_sizes"] = list(model.batcher.batch_sizes)
-                    per_level[str(level)]["mean_rows"] = list(model.batcher.mean_rows)
-                    model.batcher.batch_sizes.clear()
-                    model.batcher.mean_rows.clear()
+            runs: dict[str, list[dict[str, Any]]] = {str(level): [] for level in levels}
+            for _ in range(rounds):
+                for level in levels:
+                    if model.encoder_cache is not None:
+                        model.encoder_cache.clear()
+                    wait_for_quiet()
+                    row = _clients(model, engine, level, requests_per_client, clips, new_tokens, use_stream)
+                    if model.batcher is not None:
+                        row["batch_sizes"] = list(model.batcher.batch_sizes)
+                        row["mean_rows"] = list(model.batcher.mean_rows)
+                        model.batcher.batch_sizes.clear()
+                        model.batcher.mean_rows.clear()
+                    runs[str(level)].append(row)
+            per_level: dict[str, Any] = {}
+            for level, rows in runs.items():
+                by_speed = sorted(rows, key=lambda r: r["aggregate_tokens_per_s"])
+                per_level[level] = dict(by_speed[(len(by_speed) - 1) // 2])
+                if rounds > 1:
+                    per_level[level]["rounds_tokens_per_s"] = [r["aggregate_tokens_per_s"] for r in rows]
             base = per_level[str(levels[0])]["aggregate_tokens_per_s"]
             for row in per_level.values():
                 row["scaling_vs_first_level"] = _ratio(row["aggregate_tokens_per_s"], base)

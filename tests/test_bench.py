@@ -30,8 +30,9 @@ def test_every_benchmark_runs_once_on_tiny_random(tmp_path: Path) -> None:
     assert set(tiny["ttft"]) == {"2s", "4s"} and tiny["trim"]["4s"]["engines"]["fast"]["ttft_s"]["mean"] > 0
     assert tiny["cache"]["second_question_speedup"] > 0
     concurrency = tiny["concurrency"]["configs"]
-    assert set(concurrency) == {"reference", "fast", "fast+batching", "fast+batching+trim"}
+    assert set(concurrency) == {"reference", "fast", "fast+batching", "fast+fixed-batches", "fast+batching+trim"}
     assert concurrency["fast+batching"]["2"]["tokens"] == 2 * 8 and concurrency["fast+batching"]["2"]["batch_sizes"]
+    assert concurrency["fast+fixed-batches"]["2"]["mean_rows"] == []  # fixed batches do not go through the rows
     assert tiny["int8"]["decode"]["engines"]["fast"]["tokens_per_s"]["mean"] > 0
     assert tiny["int8"]["drift_vs_float"]["logits_max_rel_diff"][0] < 0.1
     assert tiny["profile"]["fast"][0]["self_ms"] >= 0
@@ -61,3 +62,14 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_config(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["paper_tokens_per_s"] == 269.7
     assert all(result["engines"][e]["tokens_per_s"] > 0 for e in ("reference", "fast"))
+
+
+def test_concurrency_rounds_report_the_median_of_interleaved_runs(tmp_path: Path) -> None:
+    assert main(["--models", "tiny-random", "--quick", "--parts", "concurrency", "--configs", "fast+batching",
+                 "--rounds", "3", "--out", str(tmp_path), "--data", str(tmp_path / "no-data")]) == 0
+    conc = json.loads((tmp_path / "bench.json").read_text())["models"]["tiny-random"]["concurrency"]
+    assert list(conc["configs"]) == ["fast+batching"] and conc["rounds"] == 3
+    for row in conc["configs"]["fast+batching"].values():
+        rounds = row["rounds_tokens_per_s"]
+        assert len(rounds) == 3 and row["aggregate_tokens_per_s"] == sorted(rounds)[1]
+    assert "3 interleaved rounds, the median shown" in (tmp_path / "bench.md").read_text()
