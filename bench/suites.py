@@ -247,9 +247,9 @@ def concurrency(
 ) -> dict[str, Any]:
     """N clients (threads) each sending requests back to back through the app's path: prepare → decode → text.
 
-    ``rounds`` > 1 repeats every level that many times, levels interleaved (1, 4, 8, 1, 4, 8 …), and reports each
-    level's median round (all rounds' throughputs listed): on a host whose speed drifts by tens of percent between
-    minutes, a ratio of two single runs can be off by as much.
+    ``rounds`` > 1 repeats every config and level that many times, interleaved (round 1: every config at 1, 4, 8
+    clients; round 2: the same …), and reports each level's median round (all rounds' throughputs listed): on a
+    host whose speed drifts by tens of percent between minutes, a ratio of two single runs can be off by as much.
 
     Configs: ``reference``, ``fast`` (no batching), ``fast+batching`` (the app's batcher: continuous where the
     decoder supports it), ``fast+fixed-batches`` (the batcher with continuous batching off: a batch decodes to the
@@ -264,18 +264,19 @@ def concurrency(
     results: dict[str, Any] = {"new_tokens": new_tokens, "requests_per_client": requests_per_client,
                                "clip_s": clip_s, "rounds": rounds, "configs": {}}
     previous_batcher, own_trim = model.batcher, model.trim_encoder
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {c: {str(level): [] for level in levels} for c in configs}
     try:
-        for config in configs:
-            engine = config.split("+")[0]
-            reference_layout(model, engine)
-            if "+batching" in config or "+fixed-batches" in config:
-                model.enable_batching(window_ms=5.0, max_batch=max(levels), continuous="+batching" in config)
-            else:
-                model.disable_batching()
-            model.trim_encoder = own_trim or "+trim" in config
-            model.generate_ids(model.prepare([_qa(clips[0])]), _greedy(4), engine)  # warm-up
-            runs: dict[str, list[dict[str, Any]]] = {str(level): [] for level in levels}
-            for _ in range(rounds):
+        for round_index in range(rounds):  # round-major: a drifting machine hits every config alike
+            for config in configs:
+                engine = config.split("+")[0]
+                reference_layout(model, engine)
+                if "+batching" in config or "+fixed-batches" in config:
+                    model.enable_batching(window_ms=5.0, max_batch=max(levels), continuous="+batching" in config)
+                else:
+                    model.disable_batching()
+                model.trim_encoder = own_trim or "+trim" in config
+                if round_index == 0:
+                    model.generate_ids(model.prepare([_qa(clips[0])]), _greedy(4), engine)  # warm-up
                 for level in levels:
                     if model.encoder_cache is not None:
                         model.encoder_cache.clear()
@@ -284,11 +285,10 @@ def concurrency(
                     if model.batcher is not None:
                         row["batch_sizes"] = list(model.batcher.batch_sizes)
                         row["mean_rows"] = list(model.batcher.mean_rows)
-                        model.batcher.batch_sizes.clear()
-                        model.batcher.mean_rows.clear()
-                    runs[str(level)].append(row)
+                    runs[config][str(level)].append(row)
+        for config in configs:
             per_level: dict[str, Any] = {}
-            for level, rows in runs.items():
+            for level, rows in runs[config].items():
                 by_speed = sorted(rows, key=lambda r: r["aggregate_tokens_per_s"])
                 per_level[level] = dict(by_speed[(len(by_speed) - 1) // 2])
                 if rounds > 1:
