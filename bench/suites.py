@@ -285,6 +285,8 @@ def concurrency(
                     if model.batcher is not None:
                         row["batch_sizes"] = list(model.batcher.batch_sizes)
                         row["mean_rows"] = list(model.batcher.mean_rows)
+                        model.batcher.batch_sizes.clear()
+                        model.batcher.mean_rows.clear()
                     runs[config][str(level)].append(row)
         for config in configs:
             per_level: dict[str, Any] = {}
