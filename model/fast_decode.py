@@ -82,9 +82,10 @@ def _threadpools() -> ThreadpoolController:
 def one_openmp_thread() -> contextlib.AbstractContextManager:
     """Limit the calling thread's OpenMP pool (torch's intra-op threads) to one thread for a while; other threads
     keep theirs (OpenMP's thread count is per calling thread, unlike ``torch.set_num_threads``'s default for new
-    threads). Why: a small model's decode step (the fused step: Eureka-mini) is per-operation overhead, which a
-    second thread lengthens — on the 2-core host, 128 steps took 0.27 s on one thread and 0.33 s on two at batch 1,
-    0.56 vs 0.66 s at batch 8 (best of 4) — and the other core is then free for other requests' preparation."""
+    threads). The continuous batcher decodes this way: a small model's decode step (the fused step: Eureka-mini) is
+    per-operation overhead, which a second thread does not shorten — on the 2-core host, 128 steps at batch 8 took
+    0.56 s on one thread and 0.66 s on two (best of 4); at batch 1, 362 vs 365 tokens/s (median of 8) — and the
+    other core is then free for the next requests' preparation."""
     return _threadpools().limit(limits=1, user_api="openmp")
 
 
@@ -534,11 +535,8 @@ class FastDecoder:
         if streamer is not None:  # the prompt first, as generate() does (skip_prompt streamers drop it)
             streamer.put(input_ids.cpu())
         cache = self.pool.take(self.backbone.config, batch, length)
-        threads = contextlib.ExitStack()
         try:
             logits = self._prefill(inputs_embeds, positions, kv_valid, cache)
-            if self.joinable:  # a small model's step: one OpenMP thread is faster (see one_openmp_thread)
-                threads.enter_context(one_openmp_thread())
             unfinished = torch.ones(batch, dtype=torch.bool, device=device)
             next_pos = positions[:, -1:] + 1
             mask = kv_valid[:, None, None, :]
@@ -590,7 +588,6 @@ class FastDecoder:
                 if not self.overlap:
                     queue_next_step(step, next_tokens)
         finally:
-            threads.close()
             self.pool.give(batch, length, cache)
             if streamer is not None:
                 streamer.end()
