@@ -392,6 +392,16 @@ def test_continuous_batch_slides_its_buffers_without_changing_tokens(fresh, monk
     assert batcher.batch_sizes == [len(plan)] and sum(offset < 0 for offset in slides) >= 2
 
 
+def test_continuous_batch_samples_through_the_warpers(fresh) -> None:
+    """Unseeded sampling joins continuous batches; with top_k=1 every draw must be the argmax after the penalty and
+    temperature, so the sampled answers equal the greedy ones — a check that the warpers and the draw are applied
+    to the right rows."""
+    greedy = [fresh.generate(c, max_new_tokens=20) for c in CONVERSATIONS]
+    batcher = fresh.enable_batching(window_ms=100)
+    assert concurrent(fresh, CONVERSATIONS, max_new_tokens=20, temperature=0.7, top_k=1) == greedy
+    assert batcher.joining and max(batcher.batch_sizes) > 1
+
+
 def test_a_request_with_other_settings_is_not_overtaken(fresh) -> None:
     """A queued request that cannot join the running batch (other settings) runs next; same-settings requests that
     arrive after it wait behind it instead of joining the running batch ahead of it."""
