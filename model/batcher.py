@@ -21,7 +21,7 @@ cores busy), then all decode (one core busy: a small model's decode step is Pyth
 with joining, one client's preparation overlaps the others' decoding. The caller prefills its own prompt (in its
 thread, off the decode loop); the runner copies those keys and values into a free row of its buffers, in the slots
 just before the current one (each row keeps its own RoPE positions, so where its slots lie does not matter), and
-slides the buffers left when the write slot reaches their end.
+slides the live slots to the start of the buffers when half of the attended slots are dead or the end is reached.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class Batcher:
         settings, or too long for these buffers), so it runs next, once this batch drains, and is not starved."""
         joining = []
         with self._cond:
-            while self._pending and rows.free > len(joining):
+            while self._pending and rows.room > len(joining):
                 pending_key, request = self._pending[0]
                 if pending_key != key or request.prefilled is None or not rows.fits(request):
                     break
@@ -254,7 +254,8 @@ class Batcher:
 
     def _decode_rows(self, batch: list[BatchRequest]) -> None:
         key = batch[0].group()
-        rows = _Rows(self.decoder, batch[0], self.max_batch, max(4 * (r.input_ids.shape[0] + r.limit) for r in batch))
+        span = max(2 * (r.input_ids.shape[0] + r.limit) for r in batch)
+        rows = _Rows(self.decoder, batch[0], len(batch), self.max_batch, max(span, 4 * CACHE_BUCKET))
         run = len(self.batch_sizes)
         self.batch_sizes.append(0)  # counted as requests join, before any of them can finish
         steps, row_steps = 0, 0
@@ -298,31 +299,36 @@ class _Rows:
     ``hi`` rows of the buffers (free rows below ``hi`` are computed and ignored). Attention reads slots up to the
     write slot, so when half of those are dead (their rows finished) or the write slot reaches the end, the live
     slots slide to the start; rows fit in half the buffer (``fits``), so a slide at the end frees at least half.
-    The buffer is sized for 4× the first requests' longest prompt + new tokens, so longer later ones can join.
+    The buffer holds twice the first requests' longest prompt + new tokens (at least 4 cache buckets, so longer
+    later ones can join), and starts with a row per first request; rows are added as requests join, up to
+    ``max_rows`` (one long request does not reserve eight rows of its length).
     """
 
-    def __init__(self, decoder: FastDecoder, first: BatchRequest, max_rows: int, span: int):
-        config = decoder.backbone.config
+    def __init__(self, decoder: FastDecoder, first: BatchRequest, n_rows: int, max_rows: int, slots: int):
         self.step_rows = decoder.step_rows
-        self.length = -(-span // CACHE_BUCKET) * CACHE_BUCKET
-        device, dtype = first.inputs_embeds.device, first.prefilled[0][0][0].dtype
-        n_kv_heads, head_dim = first.prefilled[0][0][0].shape[0], first.prefilled[0][0][0].shape[-1]
-        shape = (max_rows, n_kv_heads, self.length, head_dim)
-        self.kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                   for _ in range(config.num_hidden_layers)]
-        self.valid = torch.zeros(max_rows, self.length, dtype=torch.bool, device=device)
-        vocab = first.prefilled[1].shape[-1]
-        self.logits = torch.zeros(max_rows, vocab, dtype=torch.float32, device=device)
-        self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.next_tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.rows: list[_Row | None] = [None] * max_rows
+        self.max_rows = max_rows
+        self.length = -(-slots // CACHE_BUCKET) * CACHE_BUCKET
+        prompt_keys, first_logits = first.prefilled[0][0][0], first.prefilled[1]
+        self.device = first.inputs_embeds.device
+
+        def rows_of(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n_rows, *shape, dtype=dtype, device=self.device)
+
+        kv_shape = (prompt_keys.shape[0], self.length, prompt_keys.shape[-1])  # kv heads, slots, head dim
+        self.kv = [(rows_of(*kv_shape, dtype=prompt_keys.dtype), rows_of(*kv_shape, dtype=prompt_keys.dtype))
+                   for _ in range(decoder.backbone.config.num_hidden_layers)]
+        self.valid = rows_of(self.length, dtype=torch.bool)
+        self.logits = rows_of(first_logits.shape[-1], dtype=torch.float32)
+        self.positions = rows_of(dtype=torch.long)
+        self.next_tokens = rows_of(dtype=torch.long)
+        self.rows: list[_Row | None] = [None] * n_rows
         self.slot = 0  # the slot the next step writes
 
         settings = first.config
         self.do_sample = bool(settings.do_sample)
         self.penalty = float(settings.repetition_penalty or 1.0)
         # what generate() sees: the prompt (padding excluded) and the new tokens; here as a per-row vocabulary mask
-        self.seen = torch.zeros(max_rows, vocab, dtype=torch.bool, device=device) if self.penalty != 1.0 else None
+        self.seen = rows_of(first_logits.shape[-1], dtype=torch.bool) if self.penalty != 1.0 else None
         warpers_only = copy.deepcopy(settings)
         warpers_only.repetition_penalty = 1.0
         self.warpers = logits_processors(warpers_only, self.valid)
@@ -335,8 +341,20 @@ class _Rows:
         return [i for i, row in enumerate(self.rows) if row is not None]
 
     @property
-    def free(self) -> int:
-        return sum(row is None for row in self.rows)
+    def room(self) -> int:
+        """How many more requests can join now (free rows, and rows not yet added)."""
+        return sum(row is None for row in self.rows) + self.max_rows - len(self.rows)
+
+    def _add_row(self) -> None:
+        def grown(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tensor, torch.zeros_like(tensor[:1])])
+
+        self.kv = [(grown(keys), grown(values)) for keys, values in self.kv]
+        self.valid, self.logits = grown(self.valid), grown(self.logits)
+        self.positions, self.next_tokens = grown(self.positions), grown(self.next_tokens)
+        if self.seen is not None:
+            self.seen = grown(self.seen)
+        self.rows.append(None)
 
     def requests(self) -> list[BatchRequest]:
         return [row.request for row in self.rows if row is not None]
@@ -373,6 +391,8 @@ class _Rows:
         kv, logits = request.prefilled
         request.prefilled = None  # the buffers hold it now
         n = request.input_ids.shape[0]
+        if None not in self.rows:
+            self._add_row()
         index = self.rows.index(None)
         if not self.active:
             self.slot = 0
