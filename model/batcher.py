@@ -225,6 +225,11 @@ class Batcher:
         try:
             self.decoder.decode(input_ids, inputs_embeds, attention_mask, first.config, max_new_tokens=limits,
                                 on_step=on_step, ignore_eos=first.ignore_eos)
+        except BaseException as exc:  # set before the callers wake below, or they would return partial tokens
+            for request in live:
+                if not request.done.is_set():
+                    request.error = exc
+            raise
         finally:
             for request in live:
                 request.done.set()
@@ -440,7 +445,12 @@ class _Rows:
             if self.seen is not None:
                 self.seen[index, token] = True
             if request.on_token is not None:
-                request.on_token(token)
+                try:
+                    request.on_token(token)
+                except Exception as exc:  # this caller's failure (e.g. its stream) ends its row only
+                    request.error = exc
+                    self._free(index)
+                    continue
             if token in self.eos_ids or row.new_tokens >= request.limit:
                 self._free(index)
 

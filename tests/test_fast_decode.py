@@ -402,6 +402,57 @@ def test_continuous_batch_samples_through_the_warpers(fresh) -> None:
     assert batcher.joining and max(batcher.batch_sizes) > 1
 
 
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_failing_batch_reports_to_its_callers_and_the_batcher_keeps_serving(fresh, continuous: bool) -> None:
+    """A failure inside a batch (here a caller's token callback raising) reaches every caller in it as an
+    exception, not a hang; the next request is served normally."""
+    expected = fresh.generate(CONVERSATIONS[0], max_new_tokens=8)
+    batcher = fresh.enable_batching(window_ms=1, continuous=continuous)
+    prepared = fresh.prepare([CONVERSATIONS[1]])
+    config = fresh._settings(None, {"max_new_tokens": 8}).to_generation_config(fresh.special_ids)
+
+    def explode(token: int) -> None:
+        raise RuntimeError("the client went away")
+
+    request = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0], config=config,
+                           on_token=explode)
+    with pytest.raises(RuntimeError, match="the client went away"):
+        batcher.run(request)
+    assert fresh.generate(CONVERSATIONS[0], max_new_tokens=8) == expected
+
+
+def test_a_failing_caller_ends_only_its_own_row_of_a_continuous_batch(fresh) -> None:
+    expected = new_ids(fresh, CONVERSATIONS[0], GenerationSettings(max_new_tokens=30), "fast")
+    batcher = fresh.enable_batching(window_ms=1)
+    release = threading.Event()
+    held, runner = submit_held(fresh, CONVERSATIONS[0], 30, release)
+    prepared = fresh.prepare([CONVERSATIONS[1]])
+    config = fresh._settings(None, {"max_new_tokens": 30}).to_generation_config(fresh.special_ids)
+
+    def explode(token: int) -> None:
+        raise RuntimeError("the client went away")
+
+    failing = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0], config=config,
+                           on_token=explode)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            batcher.run(failing)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.time() + 30
+    while not batcher._pending and time.time() < deadline:
+        time.sleep(0.01)
+    release.set()
+    caller.join(30), runner.join(30)
+    assert [str(e) for e in errors] == ["the client went away"] and failing.tokens == [failing.tokens[0]]
+    assert held.error is None and held.tokens == expected and batcher.batch_sizes == [2]
+
+
 def test_a_request_with_other_settings_is_not_overtaken(fresh) -> None:
     """A queued request that cannot join the running batch (other settings) runs next; same-settings requests that
     arrive after it wait behind it instead of joining the running batch ahead of it."""
