@@ -169,6 +169,30 @@ def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path:
     return cache
 
 
+@torch.inference_mode()
+def cache_encoder_outputs_and_hidden(encoder, data_dir: Path, clips: list[str], cache_path: Path, hidden_path: Path,
+                                     blocks: int) -> tuple[dict, dict]:
+    """Both caches SFT with trained encoder blocks needs (``--encoder-layers``), in one encoder pass per clip: the
+    hidden state after ``blocks`` blocks (as ``cache_encoder_outputs(..., blocks=blocks)`` stores it) and the stacked
+    encoder outputs finished from its float32 value (``encoder_tail``: the same outputs as a full pass, tested).
+    Why: two separate passes run the convolutions and the first blocks twice (trimmed window only)."""
+    outputs: dict[str, torch.Tensor] = torch.load(cache_path) if cache_path.is_file() else {}
+    hidden: dict[str, torch.Tensor] = torch.load(hidden_path) if hidden_path.is_file() else {}
+    todo = [c for c in clips if c not in outputs or c not in hidden]
+    for done, name in enumerate(tqdm(todo, desc="encoder cache", unit="clip", mininterval=5), start=1):
+        feature = audio_features(data_dir / name, 80)
+        state = encode_trimmed(encoder, feature.log_mel, blocks=blocks)
+        hidden[name] = state.to(torch.float16).clone()
+        frames = encoder_tail(encoder, state, blocks)
+        outputs[name] = stack_frames(frames, feature.n_tokens).to(torch.float16).clone()
+        if done % 1000 == 0:
+            torch.save(outputs, cache_path)
+            torch.save(hidden, hidden_path)
+    torch.save(outputs, cache_path)
+    torch.save(hidden, hidden_path)
+    return outputs, hidden
+
+
 @dataclass
 class Example:
     input_ids: list[int]
@@ -490,17 +514,23 @@ def main(argv: list[str] | None = None) -> int:
     clips = sorted({a for r in records for a in record_audio(r)})
     model.audio_encoder.eval()
     window = model.config.encoder_window
-    cache = cache_encoder_outputs(model.audio_encoder, args.data, clips, args.out / f"encoder_cache_{window}.pt",
-                                  window=window)
+    cache_path = args.out / f"encoder_cache_{window}.pt"
     encoder_params, sft_features = [], None
-    if cfg.encoder_layers:  # SFT trains the last blocks: cache the hidden state before them, run them per batch
+    if not cfg.encoder_layers:
+        cache = cache_encoder_outputs(model.audio_encoder, args.data, clips, cache_path, window=window)
+    else:  # SFT trains the last blocks: cache the hidden state before them, run them per batch
         first_trained = len(model.audio_encoder.blocks) - cfg.encoder_layers
         if first_trained < 0:
             raise SystemExit(f"--encoder-layers {cfg.encoder_layers}: the encoder has "
                              f"{len(model.audio_encoder.blocks)} blocks")
-        hidden = cache_encoder_outputs(model.audio_encoder, args.data, clips,
-                                       args.out / f"encoder_hidden_{window}_{first_trained}.pt", window=window,
-                                       blocks=first_trained)
+        hidden_path = args.out / f"encoder_hidden_{window}_{first_trained}.pt"
+        if window == "trimmed":
+            cache, hidden = cache_encoder_outputs_and_hidden(model.audio_encoder, args.data, clips, cache_path,
+                                                             hidden_path, first_trained)
+        else:
+            cache = cache_encoder_outputs(model.audio_encoder, args.data, clips, cache_path, window=window)
+            hidden = cache_encoder_outputs(model.audio_encoder, args.data, clips, hidden_path, window=window,
+                                           blocks=first_trained)
         sft_features = encoder_tail_features(model.audio_encoder, hidden, cache, first_trained)
         encoder_params = [*model.audio_encoder.blocks[first_trained:].parameters(),
                           *model.audio_encoder.ln_post.parameters()]

@@ -21,6 +21,7 @@ from model.train import (
     TrainConfig,
     TraitHead,
     cache_encoder_outputs,
+    cache_encoder_outputs_and_hidden,
     corpus_text,
     main,
     make_example,
@@ -149,6 +150,24 @@ def test_ctc_term_trains_the_adapter_on_spoken_words(dataset: Path) -> None:
     ctc = CTCHead(setup.model.config.hidden_size, len(setup.tokenizer), setup.ids.pad)
     ctc_losses = auxiliary_term_losses(setup, ctc, "ctc_loss", ctc=ctc, spoken=spoken, ctc_weight=1.0)
     assert ctc_losses[-1] < ctc_losses[0]
+
+
+def test_one_pass_caches_equal_the_two_separate_passes(dataset: Path, tmp_path: Path) -> None:
+    """``--encoder-layers`` caches the hidden state and the outputs in one encoder pass per clip: the hidden state
+    is exactly the separate pass's, the outputs (finished from the float32 hidden state) equal a full pass to the
+    float16 the cache stores."""
+    setup = tiny_setup(dataset, "cache-trim.pt", window="trimmed")
+    encoder, clips = setup.model.audio_encoder, setup.clips[:6]
+    hidden = cache_encoder_outputs(encoder, dataset, clips, tmp_path / "hidden.pt", window="trimmed", blocks=2)
+    outputs, one_pass_hidden = cache_encoder_outputs_and_hidden(encoder, dataset, clips, tmp_path / "out.pt",
+                                                                tmp_path / "one_pass_hidden.pt", blocks=2)
+    for clip in clips:
+        assert torch.equal(one_pass_hidden[clip], hidden[clip])
+        assert outputs[clip].shape == setup.cache[clip].shape
+        assert torch.allclose(outputs[clip].float(), setup.cache[clip].float(), atol=2e-3, rtol=1e-3)
+    again, _ = cache_encoder_outputs_and_hidden(encoder, dataset, clips, tmp_path / "out.pt",
+                                                tmp_path / "one_pass_hidden.pt", blocks=2)  # read back, not rerun
+    assert all(torch.equal(again[c], outputs[c]) for c in clips)
 
 
 def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, capsys) -> None:
