@@ -319,6 +319,13 @@ def test_batched_rows_keep_their_own_limits_and_settings(fresh, continuous: bool
     assert results[5] == sampled  # a seeded sampling request runs alone, so its draws are reproducible
 
 
+def wait_for_pending(batcher, n: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while len(batcher._pending) < n:
+        assert time.time() < deadline, f"fewer than {n} requests queued after {timeout} s"
+        time.sleep(0.01)
+
+
 def submit_held(model, messages, max_new_tokens: int, release: threading.Event, **settings):
     """Submit a request whose first token blocks the batcher's loop until ``release`` is set (so others can be
     queued while it is known to be running); returns the request and the thread waiting for it."""
@@ -349,9 +356,7 @@ def test_requests_join_a_running_batch_and_equal_single_requests(fresh) -> None:
     callers = [threading.Thread(target=call, args=(i, n)) for i, n in ((1, 25), (2, 40), (3, 9))]
     for caller in callers:
         caller.start()
-    deadline = time.time() + 30
-    while len(batcher._pending) < 3 and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for_pending(batcher, 3)
     release.set()
     runner.join(30)
     for caller in callers:
@@ -444,9 +449,7 @@ def test_a_failing_caller_ends_only_its_own_row_of_a_continuous_batch(fresh) -> 
 
     caller = threading.Thread(target=call)
     caller.start()
-    deadline = time.time() + 30
-    while not batcher._pending and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for_pending(batcher, 1)
     release.set()
     caller.join(30), runner.join(30)
     assert [str(e) for e in errors] == ["the client went away"] and failing.tokens == [failing.tokens[0]]
@@ -456,8 +459,8 @@ def test_a_failing_caller_ends_only_its_own_row_of_a_continuous_batch(fresh) -> 
 def test_a_request_with_other_settings_is_not_overtaken(fresh) -> None:
     """A queued request that cannot join the running batch (other settings) runs next; same-settings requests that
     arrive after it wait behind it instead of joining the running batch ahead of it."""
-    expected_sampled = fresh.generate(CONVERSATIONS[1], max_new_tokens=10, repetition_penalty=1.3)
-    expected_greedy = fresh.generate(CONVERSATIONS[2], max_new_tokens=10)
+    expected_other = fresh.generate(CONVERSATIONS[1], max_new_tokens=10, repetition_penalty=1.3)
+    expected_same = fresh.generate(CONVERSATIONS[2], max_new_tokens=10)
     batcher = fresh.enable_batching(window_ms=1)
     release = threading.Event()
     _, runner = submit_held(fresh, CONVERSATIONS[0], 30, release)
@@ -465,16 +468,14 @@ def test_a_request_with_other_settings_is_not_overtaken(fresh) -> None:
     other = threading.Thread(target=lambda: results.update(
         other=fresh.generate(CONVERSATIONS[1], max_new_tokens=10, repetition_penalty=1.3)))
     other.start()
-    while len(batcher._pending) < 1:
-        time.sleep(0.01)
+    wait_for_pending(batcher, 1)
     same = threading.Thread(target=lambda: results.update(same=fresh.generate(CONVERSATIONS[2], max_new_tokens=10)))
     same.start()
-    while len(batcher._pending) < 2:
-        time.sleep(0.01)
+    wait_for_pending(batcher, 2)
     release.set()
     for thread in (runner, other, same):
         thread.join(30)
-    assert results == {"other": expected_sampled, "same": expected_greedy}
+    assert results == {"other": expected_other, "same": expected_same}
     assert batcher.batch_sizes == [1, 1, 1]
 
 
