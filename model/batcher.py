@@ -8,8 +8,8 @@ or cancellation), not when the whole batch does.
 No thread lives longer than the work: the first request that finds no runner starts one; the runner gathers for
 ``window_s`` (or until ``max_batch`` requests wait), decodes, repeats while requests are pending, then exits.
 Callers announce a request while they prepare it (front-end, encoder, prefill embeddings: :meth:`preparing`), and
-the runner waits up to ``max_wait_s`` for announced requests before it starts a batch: concurrent users finish
-preparing at staggered times, and a request that misses a batch waits for the whole of it.
+for a fixed batch the runner waits up to ``max_wait_s`` for announced requests before it starts: concurrent users
+finish preparing at staggered times, and a request that misses a fixed batch waits for the whole of it.
 Only requests with identical decoding settings share a batch, and a seeded sampling request always runs alone so
 its draws stay reproducible.
 

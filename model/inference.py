@@ -365,8 +365,9 @@ class EurekaAudio:
                         continuous: bool = True) -> Batcher:
         """Let concurrent single-conversation ``generate``/``stream`` calls on the fast engine share batched decodes.
 
-        A starting batch waits up to ``max_wait_ms`` for requests still being prepared; with ``continuous`` (where
-        the decoder supports it) later requests join a running batch (see ``Batcher``)."""
+        With ``continuous`` (where the decoder supports it) a batch starts at once and later requests join it at
+        the next step; otherwise a starting batch waits up to ``max_wait_ms`` for requests still being prepared and
+        decodes to its end (see ``Batcher``)."""
         self.batcher = Batcher(self.decoder(), self.special_ids.pad, window_s=window_ms / 1000, max_batch=max_batch,
                                max_wait_s=max_wait_ms / 1000, continuous=continuous)
         return self.batcher
