@@ -326,14 +326,22 @@ def wait_for_pending(batcher, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def submit_held(model, messages, max_new_tokens: int, release: threading.Event, **settings):
+def batch_request(model, messages, max_new_tokens: int, on_token=None) -> BatchRequest:
+    """A prepared greedy request for the batcher directly (what ``generate`` builds for one conversation)."""
+    prepared = model.prepare([messages])
+    config = model._settings(None, {"max_new_tokens": max_new_tokens}).to_generation_config(model.special_ids)
+    return BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0], config=config,
+                        on_token=on_token)
+
+
+def explode(token: int) -> None:
+    raise RuntimeError("the client went away")
+
+
+def submit_held(model, messages, max_new_tokens: int, release: threading.Event):
     """Submit a request whose first token blocks the batcher's loop until ``release`` is set (so others can be
     queued while it is known to be running); returns the request and the thread waiting for it."""
-    prepared = model.prepare([messages])
-    config = model._settings(None, {"max_new_tokens": max_new_tokens, **settings}).to_generation_config(
-        model.special_ids)
-    request = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0], config=config,
-                           on_token=lambda token: release.wait(30))
+    request = batch_request(model, messages, max_new_tokens, on_token=lambda token: release.wait(30))
     runner = threading.Thread(target=model.batcher.run, args=(request,))
     runner.start()
     return request, runner
@@ -385,10 +393,7 @@ def test_continuous_batch_slides_its_buffers_without_changing_tokens(fresh, monk
     batcher = fresh.enable_batching(max_batch=2)
     requests = []
     for i, n in plan:
-        prepared = fresh.prepare([CONVERSATIONS[i]])
-        config = fresh._settings(None, {"max_new_tokens": n}).to_generation_config(fresh.special_ids)
-        request = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0],
-                               config=config)
+        request = batch_request(fresh, CONVERSATIONS[i], n)
         request.prefilled = batcher.decoder.prefill_one(request.input_ids, request.inputs_embeds, n)
         requests.append(request)
     batcher._pending = [(r.group(), r) for r in requests[2:]]
@@ -413,14 +418,7 @@ def test_a_failing_batch_reports_to_its_callers_and_the_batcher_keeps_serving(fr
     exception, not a hang; the next request is served normally."""
     expected = fresh.generate(CONVERSATIONS[0], max_new_tokens=8)
     batcher = fresh.enable_batching(window_ms=1, continuous=continuous)
-    prepared = fresh.prepare([CONVERSATIONS[1]])
-    config = fresh._settings(None, {"max_new_tokens": 8}).to_generation_config(fresh.special_ids)
-
-    def explode(token: int) -> None:
-        raise RuntimeError("the client went away")
-
-    request = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0], config=config,
-                           on_token=explode)
+    request = batch_request(fresh, CONVERSATIONS[1], 8, on_token=explode)
     with pytest.raises(RuntimeError, match="the client went away"):
         batcher.run(request)
     assert fresh.generate(CONVERSATIONS[0], max_new_tokens=8) == expected
@@ -431,14 +429,7 @@ def test_a_failing_caller_ends_only_its_own_row_of_a_continuous_batch(fresh) -> 
     batcher = fresh.enable_batching(window_ms=1)
     release = threading.Event()
     held, runner = submit_held(fresh, CONVERSATIONS[0], 30, release)
-    prepared = fresh.prepare([CONVERSATIONS[1]])
-    config = fresh._settings(None, {"max_new_tokens": 30}).to_generation_config(fresh.special_ids)
-
-    def explode(token: int) -> None:
-        raise RuntimeError("the client went away")
-
-    failing = BatchRequest(input_ids=prepared.input_ids[0], inputs_embeds=prepared.inputs_embeds[0], config=config,
-                           on_token=explode)
+    failing = batch_request(fresh, CONVERSATIONS[1], 30, on_token=explode)
     errors: list[BaseException] = []
 
     def call() -> None:
