@@ -27,6 +27,7 @@ from . import suites
 from .measure import QUIET, Timer, load_bench_model, machine, memory_bandwidth, wait_for_quiet
 from .report import markdown
 
+CONCURRENCY_CONFIGS = ("reference", "fast", "fast+batching", "fast+fixed-batches", "fast+batching+trim")
 PARTS = ("bandwidth", "decode", "compiled", "ttft", "cache", "concurrency", "trim", "int8", "quality", "profile")
 DEFAULT_PARTS = {
     "official": ("bandwidth", "decode", "ttft", "cache", "trim", "int8", "profile"),
@@ -46,14 +47,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1,
                         help="concurrency: repeat the levels this many times, interleaved; report each one's median")
-    parser.add_argument("--configs", help="concurrency: comma-separated subset of reference, fast, fast+batching, "
-                        "fast+fixed-batches, fast+batching+trim (default: all that apply)")
+    parser.add_argument("--configs", help=f"concurrency: comma-separated subset of {', '.join(CONCURRENCY_CONFIGS)} "
+                        "(default: all that apply to the model)")
     parser.add_argument("--quality-limit", type=int, default=40, help="held-out clips for the quality checks")
     parser.add_argument("--clips", default="10,30", help="clip seconds for time to first token")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="before each timed run, wait up to this many seconds for other processes to go idle")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (smoke test)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.configs and (unknown := set(args.configs.split(",")) - set(CONCURRENCY_CONFIGS)):
+        parser.error(f"--configs: unknown {', '.join(sorted(unknown))} (known: {', '.join(CONCURRENCY_CONFIGS)})")
     if args.quick:
         args.repeats, args.new_tokens, args.levels, args.requests_per_client = 1, 8, "1,2", 1
         args.quality_limit, args.clips, args.quiet_wait = 2, "2,4", 0.0
@@ -104,7 +109,7 @@ def run_model(name: str, args: argparse.Namespace, bandwidth: dict[str, Any] | N
     levels = tuple(int(x) for x in args.levels.split(","))
     configs = ("reference", "fast", "fast+batching") + (("fast+fixed-batches",) if model.decoder().joinable else ()) \
         + (() if own_trim else ("fast+batching+trim",))
-    if args.configs:
+    if args.configs:  # those that apply to this model
         configs = tuple(c for c in configs if c in args.configs.split(","))
     step("concurrency", suites.concurrency, model, levels, configs, args.new_tokens, args.requests_per_client,
          5.0 if not args.quick else 1.0, data, rounds=args.rounds)

@@ -259,8 +259,8 @@ class Batcher:
 
     def _decode_rows(self, batch: list[BatchRequest]) -> None:
         key = batch[0].group()
-        span = max(2 * (r.input_ids.shape[0] + r.limit) for r in batch)
-        rows = _Rows(self.decoder, batch[0], len(batch), self.max_batch, max(span, 4 * CACHE_BUCKET))
+        slots = max(2 * _Rows.span(r) for r in batch)
+        rows = _Rows(self.decoder, batch[0], len(batch), self.max_batch, max(slots, 4 * CACHE_BUCKET))
         run = len(self.batch_sizes)
         self.batch_sizes.append(0)  # counted as requests join, before any of them can finish
         steps, row_steps = 0, 0
@@ -364,13 +364,22 @@ class _Rows:
     def requests(self) -> list[BatchRequest]:
         return [row.request for row in self.rows if row is not None]
 
+    @staticmethod
+    def span(request: BatchRequest) -> int:
+        """Slots a request can occupy: its prompt and every new token."""
+        return request.input_ids.shape[0] + request.limit
+
     def fits(self, request: BatchRequest) -> bool:
-        return 2 * (request.input_ids.shape[0] + request.limit) <= self.length
+        return 2 * self.span(request) <= self.length
+
+    @property
+    def live_start(self) -> int:
+        """The first slot any live row uses (the write slot when no row is live)."""
+        return min((row.first_slot for row in self.rows if row is not None), default=self.slot)
 
     def _slide(self, offset: int) -> None:
         """Move every live slot by ``offset`` (negative: towards the start)."""
-        live = [row.first_slot for row in self.rows if row is not None]
-        start = min(live, default=self.slot)
+        start = self.live_start
         source, target = slice(start, self.slot), slice(start + offset, self.slot + offset)
         for keys, values in self.kv:
             keys[:, :, target] = keys[:, :, source].clone()
@@ -385,9 +394,7 @@ class _Rows:
 
     def _compact(self) -> None:
         """Slide the live slots to the start of the buffers."""
-        live = [row.first_slot for row in self.rows if row is not None]
-        start = min(live, default=self.slot)
-        if start:
+        if start := self.live_start:
             self._slide(-start)
 
     # --- the three phases of a step
@@ -461,7 +468,7 @@ class _Rows:
 
     def step(self) -> int:
         """Decode one token for rows ``[0, hi)``; returns how many of them are live."""
-        if self.slot >= self.length or 2 * min(row.first_slot for row in self.rows if row is not None) >= self.slot:
+        if self.slot >= self.length or 2 * self.live_start >= self.slot:
             self._compact()  # at the end of the buffers, or when half of the attended slots are dead
         hi = max(self.active) + 1
         slot = self.slot

@@ -139,15 +139,13 @@ def stack_frames(frames: torch.Tensor, n_tokens: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path: Path, batch: int = 8,
-                          window: str = "full", blocks: int | None = None) -> dict:
+                          window: str = "full") -> dict:
     """Stacked encoder outputs per clip ([tokens, 4·384], float16): the frozen encoder runs once per clip.
 
     ``window`` must match how the trained model will encode at inference (``EurekaConfig.encoder_window``):
-    "trimmed" uses the very function inference uses, one clip at a time. ``blocks`` (trimmed only): cache the
-    hidden state after that many encoder blocks instead ([frames, 384]), for training the blocks after it.
+    "trimmed" uses the very function inference uses, one clip at a time. (``--encoder-layers`` also needs the hidden
+    state before the trained blocks: :func:`cache_encoder_outputs_and_hidden` makes both caches in one pass.)
     """
-    if blocks is not None and window != "trimmed":
-        raise ValueError("caching a hidden state needs the trimmed encoder window")
     cache: dict[str, torch.Tensor] = torch.load(cache_path) if cache_path.is_file() else {}
     todo = [c for c in clips if c not in cache]
     if window == "trimmed":
@@ -156,13 +154,12 @@ def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path:
         names = todo[start : start + batch]
         features = [audio_features(data_dir / name, 80) for name in names]
         if window == "trimmed":
-            frames = [encode_trimmed(encoder, f.log_mel, blocks=blocks) for f in features]
+            frames = [encode_trimmed(encoder, f.log_mel) for f in features]
         else:
             chunks = [chunk_log_mel(f.log_mel) for f in features]
             frames = encoder(torch.cat(chunks)).split([c.shape[0] for c in chunks])
         for name, feature, clip_frames in zip(names, features, frames, strict=True):
-            kept = clip_frames if blocks is not None else stack_frames(clip_frames, feature.n_tokens)
-            cache[name] = kept.to(torch.float16).clone()
+            cache[name] = stack_frames(clip_frames, feature.n_tokens).to(torch.float16).clone()
         if start // batch % 1000 == 999:
             torch.save(cache, cache_path)
     torch.save(cache, cache_path)
@@ -173,9 +170,9 @@ def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path:
 def cache_encoder_outputs_and_hidden(encoder, data_dir: Path, clips: list[str], cache_path: Path, hidden_path: Path,
                                      blocks: int) -> tuple[dict, dict]:
     """Both caches SFT with trained encoder blocks needs (``--encoder-layers``), in one encoder pass per clip: the
-    hidden state after ``blocks`` blocks (as ``cache_encoder_outputs(..., blocks=blocks)`` stores it) and the stacked
-    encoder outputs finished from its float32 value (``encoder_tail``: the same outputs as a full pass, tested).
-    Why: two separate passes run the convolutions and the first blocks twice (trimmed window only)."""
+    hidden state after ``blocks`` blocks ([frames, d], float16) and the stacked encoder outputs finished from its
+    float32 value (``encoder_tail``: the same outputs as a full pass, tested). Trimmed window only, the one training
+    with ``--encoder-layers`` supports. Why one pass: two would run the convolutions and first blocks twice."""
     outputs: dict[str, torch.Tensor] = torch.load(cache_path) if cache_path.is_file() else {}
     hidden: dict[str, torch.Tensor] = torch.load(hidden_path) if hidden_path.is_file() else {}
     todo = [c for c in clips if c not in outputs or c not in hidden]
@@ -523,14 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         if first_trained < 0:
             raise SystemExit(f"--encoder-layers {cfg.encoder_layers}: the encoder has "
                              f"{len(model.audio_encoder.blocks)} blocks")
+        if window != "trimmed":
+            raise SystemExit(f"--encoder-layers needs the trimmed encoder window (this config's is {window!r})")
         hidden_path = args.out / f"encoder_hidden_{window}_{first_trained}.pt"
-        if window == "trimmed":
-            cache, hidden = cache_encoder_outputs_and_hidden(model.audio_encoder, args.data, clips, cache_path,
-                                                             hidden_path, first_trained)
-        else:
-            cache = cache_encoder_outputs(model.audio_encoder, args.data, clips, cache_path, window=window)
-            hidden = cache_encoder_outputs(model.audio_encoder, args.data, clips, hidden_path, window=window,
-                                           blocks=first_trained)
+        cache, hidden = cache_encoder_outputs_and_hidden(model.audio_encoder, args.data, clips, cache_path,
+                                                         hidden_path, first_trained)
         sft_features = encoder_tail_features(model.audio_encoder, hidden, cache, first_trained)
         encoder_params = [*model.audio_encoder.blocks[first_trained:].parameters(),
                           *model.audio_encoder.ln_post.parameters()]

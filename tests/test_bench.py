@@ -73,3 +73,10 @@ def test_concurrency_rounds_report_the_median_of_interleaved_runs(tmp_path: Path
         rounds = row["rounds_tokens_per_s"]
         assert len(rounds) == 3 and row["aggregate_tokens_per_s"] == sorted(rounds)[1]
     assert "3 interleaved rounds, the median shown" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--configs", "fast,turbo"]])
+def test_bad_concurrency_options_are_refused_with_a_message(bad: list[str], capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--models", "tiny-random", "--quick", "--parts", "concurrency", *bad])
+    assert ("--rounds must be at least 1" if bad[0] == "--rounds" else "unknown turbo") in capsys.readouterr().err
