@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .audio import audio_features, chunk_log_mel
 from .config import EurekaConfig
 from .data.synth import ACCENTS, RATE_CLASSES, VOICE_PITCH_CLASSES, read_manifest
-from .data.tasks import sound_kind_records, transcript
+from .data.tasks import sound_description_records, sound_kind_records, transcript
 from .fast_decode import encode_trimmed, encoder_tail
 from .inference import TOKEN_SECONDS, EurekaAudio
 from .loading import build_model
@@ -55,8 +55,10 @@ class TrainConfig:
     trait_weight: float = 0.0
     loss_average: str = "token"  # "token": every answer token counts once; "example": every answer counts once
     sound_questions: int = 0  # 1: add a "what is heard from X s to Y s?" question per training sound event
+    sound_descriptions: int = 0  # 1: add a "describe the sound from X s to Y s" record per training sound event
     encoder_layers: int = 0  # SFT also trains the encoder's last N blocks and ln_post (0: encoder frozen throughout)
     encoder_lr_scale: float = 0.1  # their learning rate, × lr (pre-trained weights: smaller steps)
+    encoder_from_step: int = 0  # with encoder_layers: SFT steps before this one keep the encoder frozen (cheaper)
     records_per_clip: int = 1  # k > 1: an SFT batch is batch_size / k clips with k records each (features run once)
     length_buckets: int = 1  # n > 1: batches drawn n at a time and grouped by length (less padding)
     save_every: int = 200
@@ -101,6 +103,12 @@ def sound_question_records(data_dir: Path, seed: int) -> list[dict[str, Any]]:
             rng = np.random.default_rng([seed, 11, meta["index"]])
             records += sound_kind_records(meta, meta["audio"], rng)
     return records
+
+
+def sound_description_train_records(data_dir: Path) -> list[dict[str, Any]]:
+    """``--sound-descriptions``: a description record per foreground sound event of every training clip."""
+    return [record for meta in read_manifest(data_dir / "manifest.jsonl") if meta["split"] == "train"
+            for record in sound_description_records(meta, meta["audio"])]
 
 
 def record_audio(record: dict[str, Any]) -> list[str]:
@@ -391,7 +399,8 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
               spoken: dict[str, list[int]] | None = None, traits: TraitHead | None = None,
               spans: dict | None = None, audio_features: Callable[[list[str]], dict] | None = None) -> None:
     """One stage: AdamW over ``param_groups`` (each ``{"params": [...], "lr_scale": s}``); resumes from ``state`` if
-    it stopped inside this stage. ``audio_features``: computes a batch's audio inputs (else ``cache`` holds them)."""
+    it stopped inside this stage. ``audio_features``: computes a batch's audio inputs from step
+    ``cfg.encoder_from_step`` on (before it, and without it, ``cache`` holds them)."""
     params = [p for group in param_groups for p in group["params"]]
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = state.get("step", 0) if state.get("stage") == name else 0
@@ -404,7 +413,8 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)  # states saved before it: 1
         batch = batches(step)
-        inputs = audio_features([a for e in batch for a in e.audio]) if audio_features else cache
+        trains_encoder = audio_features is not None and step >= cfg.encoder_from_step
+        inputs = audio_features([a for e in batch for a in e.audio]) if trains_encoder else cache
         loss, stats = step_loss(model, batch, inputs, ids, ctc, spoken, cfg.ctc_weight, traits, spans,
                                 cfg.trait_weight, cfg.loss_average)
         optimizer.zero_grad(set_to_none=True)
@@ -487,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     records = read_records(args.data, "train")
     if cfg.sound_questions:
         records += sound_question_records(args.data, cfg.seed)
+    if cfg.sound_descriptions:
+        records += sound_description_train_records(args.data)
     for path in args.extra_records:
         records += [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     tokenizer_dir = args.out / "tokenizer"

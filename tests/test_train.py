@@ -180,7 +180,7 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
 
     args = ["--data", str(dataset), "--out", str(tmp_path / "run"), "--pretrain-steps", "2", "--align-steps", "2",
             "--sft-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
-            "--sound-questions", "1"]
+            "--sound-questions", "1", "--sound-descriptions", "1"]
     assert main([*args, "--export", str(tmp_path / "ckpt")]) == 0
     log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
     assert [row["stage"] for row in log] == ["pretrain"] * 2 + ["align"] * 2 + ["sft"] * 2
@@ -192,9 +192,12 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert "resuming: stage sft step 2" in capsys.readouterr().out
 
 
-def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoder_from_step", [0, 3])
+def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Path, tmp_path: Path,
+                                                                    encoder_from_step: int) -> None:
     """--encoder-layers 1: the last Whisper block and ln_post learn in SFT (from a cached hidden state); the blocks
-    before it stay the real Whisper weights, and the exported checkpoint carries the trained ones."""
+    before it stay the real Whisper weights, and the exported checkpoint carries the trained ones. With
+    --encoder-from-step 3 the 3 SFT steps all come before it: the encoder stays Whisper's."""
     from model import load_model
     from model.whisper_ct2 import load_whisper_tiny_en_encoder
 
@@ -202,11 +205,15 @@ def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Pa
     assert main(["--data", str(dataset), "--out", str(run), "--pretrain-steps", "1", "--align-steps", "1",
                  "--sft-steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
                  "--encoder-layers", "1", "--encoder-lr-scale", "1", "--records-per-clip", "2",
-                 "--length-buckets", "2", "--export", str(tmp_path / "ckpt")]) == 0
+                 "--length-buckets", "2", "--encoder-from-step", str(encoder_from_step),
+                 "--export", str(tmp_path / "ckpt")]) == 0
     whisper = load_whisper_tiny_en_encoder().state_dict()
     trained = torch.load(run / "resume.pt", weights_only=False)["model"]
     changed = {name.rsplit(".", 1)[0] for name in whisper
                if not torch.equal(trained[f"audio_encoder.{name}"], whisper[name])}
+    if encoder_from_step == 3:
+        assert changed == set()
+        return
     assert changed == {"blocks.3.attn.query", "blocks.3.attn.key", "blocks.3.attn.value", "blocks.3.attn.out",
                        "blocks.3.attn_ln", "blocks.3.mlp.0", "blocks.3.mlp.2", "blocks.3.mlp_ln", "ln_post"}
     assert (run / "encoder_hidden_trimmed_3.pt").is_file()
@@ -262,6 +269,25 @@ def test_sound_questions_ask_about_every_training_sound_event(dataset: Path) -> 
         letter, text = record["target"].split(". ", 1)
         assert text == KIND_LABELS[event["kind"]] and f"\n{letter}. {text}" in question
     assert records == sound_question_records(dataset, seed=0)  # seeded
+
+
+def test_sound_descriptions_describe_every_training_sound_event_as_the_caption_does(dataset: Path) -> None:
+    """--sound-descriptions: one open record per foreground sound of each training clip, asking about its span and
+    answered with the very phrase the clip's caption uses for that sound."""
+    from model.data.synth import read_manifest
+    from model.data.tasks import caption, foreground_events
+    from model.train import sound_description_train_records
+
+    records = sound_description_train_records(dataset)
+    metas = {m["id"]: m for m in read_manifest(dataset / "manifest.jsonl") if m["split"] == "train"}
+    expected = [(clip_id, e) for clip_id, m in metas.items() for e in foreground_events(m) if e["kind"] != "speech"]
+    assert expected and len(records) == len(expected)
+    for record, (clip_id, event) in zip(records, expected, strict=True):
+        assert record["clip_id"] == clip_id and record["task"] == "describe"
+        question = record["messages"][0]["content"][-1]["text"]
+        assert question == f"Describe the sound from {event['start_s']:.1f} s to {event['end_s']:.1f} s."
+        phrase = record["target"].removesuffix(".")
+        assert f", {phrase[0].lower()}{phrase[1:]}." in caption(metas[clip_id])
 
 
 def test_trait_term_reads_each_speech_event_and_trains(dataset: Path) -> None:
