@@ -68,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, not {self.loss_average!r}")
         if self.records_per_clip < 1 or self.length_buckets < 1 or self.encoder_layers < 0:
             raise ValueError("records_per_clip and length_buckets must be ≥ 1, encoder_layers ≥ 0")
+        if self.encoder_from_step < 0 or (self.encoder_from_step and not self.encoder_layers):
+            raise ValueError("encoder_from_step needs encoder_layers > 0 (it delays their training) and must be ≥ 0")
         if self.batch_size % self.records_per_clip:  # else SFT batches would silently shrink
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of records_per_clip "
                              f"{self.records_per_clip}")
