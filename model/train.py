@@ -97,20 +97,21 @@ def read_records(data_dir: Path, split: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def training_clip_records(data_dir: Path, build: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> list[dict]:
+    """``build(meta)``'s records for every training clip of the dataset's manifest, in manifest order."""
+    return [record for meta in read_manifest(data_dir / "manifest.jsonl") if meta["split"] == "train"
+            for record in build(meta)]
+
+
 def sound_question_records(data_dir: Path, seed: int) -> list[dict[str, Any]]:
     """``--sound-questions``: a sound-kind question per foreground sound event of every training clip (seeded)."""
-    records = []
-    for meta in read_manifest(data_dir / "manifest.jsonl"):
-        if meta["split"] == "train":
-            rng = np.random.default_rng([seed, 11, meta["index"]])
-            records += sound_kind_records(meta, meta["audio"], rng)
-    return records
+    return training_clip_records(data_dir, lambda meta: sound_kind_records(
+        meta, meta["audio"], np.random.default_rng([seed, 11, meta["index"]])))
 
 
 def sound_description_train_records(data_dir: Path) -> list[dict[str, Any]]:
     """``--sound-descriptions``: a description record per foreground sound event of every training clip."""
-    return [record for meta in read_manifest(data_dir / "manifest.jsonl") if meta["split"] == "train"
-            for record in sound_description_records(meta, meta["audio"])]
+    return training_clip_records(data_dir, lambda meta: sound_description_records(meta, meta["audio"]))
 
 
 def record_audio(record: dict[str, Any]) -> list[str]:
