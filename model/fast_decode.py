@@ -151,8 +151,23 @@ class FusedQwen3Step:
     can be captured as a CUDA graph or compiled whole; positions must then stay inside the table (``max_positions``).
     """
 
-    def __init__(self, backbone: PreTrainedModel, graph_safe: bool = False):
+    ATTENTION = ("sdpa", "flex", "explicit")
+    MATVEC = ("matmul", "reduce")
+
+    def __init__(self, backbone: PreTrainedModel, graph_safe: bool = False, attention: str = "sdpa",
+                 matvec: str = "matmul"):
+        """``attention`` and ``matvec`` pick how a compiled step is written for the GPU (``scripts/gpu_bench.py``
+        measures them): ``"sdpa"`` is ``F.scaled_dot_product_attention`` (cuDNN's flash kernel on an H200: ~9 µs
+        for one query over 768 slots, latency-bound); ``"flex"`` is ``flex_attention`` with the cache mask as a
+        score modifier (compiled, a split-KV decode kernel); ``"explicit"`` writes attention as float32
+        multiply-and-sum reductions that inductor turns into its own kernels. ``matvec="reduce"`` writes a
+        batch-1 layer linear as a float32 multiply-and-sum over the input features (a reduction inductor can fuse
+        the norm or activation before it into) instead of cuBLAS's GEMV. Eager, the alternatives are slow
+        references; they exist for the compiled step."""
+        if attention not in self.ATTENTION or matvec not in self.MATVEC:
+            raise ValueError(f"attention must be one of {self.ATTENTION} and matvec one of {self.MATVEC}")
         self.graph_safe = graph_safe
+        self.attention, self.matvec = attention, matvec
         config, inner = backbone.config, backbone.model
         self.lm_head, self.embed_tokens, self.rotary_emb = backbone.lm_head, inner.embed_tokens, inner.rotary_emb
         self.final_norm = inner.norm.weight
@@ -255,12 +270,40 @@ class FusedQwen3Step:
             qk = qk * cos + qk.roll(head_dim // 2, -1) * sin
             query, key = qk.split([self.n_heads, self.n_kv_heads], 1)
             keys, values = store(index, key, value.view(batch, self.n_kv_heads, head_dim))
-            attended = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask,
-                                                      scale=head_dim**-0.5, enable_gqa=True)
-            hidden = hidden + F.linear(attended.view(batch, 1, -1), out_proj)
-            gate, up = F.linear(self.norm(hidden, post_norm), gate_up).split([self.intermediate] * 2, -1)
-            hidden = hidden + F.linear(F.silu(gate) * up, down)
+            attended = self.attend(query, keys, values, mask)
+            hidden = hidden + self.linear(attended.view(batch, 1, -1), out_proj)
+            gate, up = self.linear(self.norm(hidden, post_norm), gate_up).split([self.intermediate] * 2, -1)
+            hidden = hidden + self.linear(F.silu(gate) * up, down)
         return self.lm_head(self.norm(hidden[:, -1], self.final_norm))
+
+    def linear(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A layer's bias-free linear; at batch 1 with ``matvec="reduce"``, as a float32 multiply-and-sum."""
+        if self.matvec == "reduce" and inputs.shape[0] == 1:
+            return (inputs[..., None, :].float() * weight.float()).sum(-1).to(inputs.dtype)
+        return F.linear(inputs, weight)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """One query per row (``[batch, heads, head_dim]``) over the cache (``[batch, kv_heads, slots, head_dim]``),
+        slots where the boolean ``mask`` (``[batch, 1, 1, slots]``) is False left out; grouped heads."""
+        batch, scale = query.shape[0], self.head_dim**-0.5
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale,
+                                                  enable_gqa=True)
+        if self.attention == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            valid = mask.view(batch, -1)
+
+            def keep_valid(score, b, h, q_index, kv_index):
+                return torch.where(valid[b, kv_index], score, -float("inf"))
+
+            return flex_attention(query[:, :, None], keys, values, score_mod=keep_valid, scale=scale, enable_gqa=True)
+        grouped = query.view(batch, self.n_kv_heads, -1, 1, self.head_dim).float()  # [b, kv, group, 1, d]
+        scores = (grouped * keys[:, :, None].float()).sum(-1) * scale  # [b, kv, group, slots]
+        probs = scores.masked_fill(~mask.view(batch, 1, 1, -1), -float("inf")).softmax(-1)
+        attended = (probs[..., None] * values[:, :, None].float()).sum(-2)  # [b, kv, group, d]
+        return attended.to(query.dtype).view(batch, self.n_heads, 1, self.head_dim)
 
 
 class CudaGraphStep:
@@ -304,6 +347,90 @@ class CudaGraphStep:
         static_mask.copy_(mask)
         graph.replay()
         return output
+
+
+class GreedyStepGraph:
+    """A greedy decode step whole — the model step, its argmax, and the mask/position/slot bookkeeping — as one CUDA
+    graph per KV cache, so a token costs a single graph launch and no other GPU work.
+
+    Why: with only the model step graphed (:class:`CudaGraphStep`) every token still launched about ten small
+    kernels from Python — the logits cast, argmax, pad substitution, token write, mask update, position increment
+    and the graph's input copies — ≈0.1 ms a token on an H200, where the whole step is ≈1.8 ms. Here the state the
+    next step needs stays in this object's device buffers (``ids``: the token to feed, then the step's pick); the
+    host only copies each pick out. Stopping rules (EOS, per-row limits, cancellation) are applied on the host from
+    those copies (:meth:`FastDecoder.decode`), a step late as in the overlapped loop. Greedy decodes take this path,
+    with the repetition penalty (the official default, 1.05) applied in the graph: a ``[batch, vocab]`` mask of the
+    tokens seen so far replaces ``RepetitionPenaltyLogitsProcessor``'s gather/scatter over the growing ids, with its
+    float32 arithmetic, so the picks are the processor's. On a CPU the same operations run eagerly (what the tests
+    check against the stepwise loop).
+    """
+
+    def __init__(self, step_fn: Callable[..., torch.Tensor], cache: StaticCache, batch: int, length: int,
+                 vocab: int, penalty: float | None, device: torch.device):
+        self.step_fn, self.cache, self.penalty = step_fn, cache, penalty
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.kv_valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @classmethod
+    def for_cache(cls, step_fn: Callable[..., torch.Tensor], cache: StaticCache, batch: int, length: int,
+                  vocab: int, penalty: float | None, device: torch.device) -> GreedyStepGraph:
+        """The cache's graph for this step function and penalty (built on first use; it writes into that cache's
+        tensors). A pool's caches serve one decoder, so the step function is always the same one."""
+        graphs = cache.__dict__.setdefault("_eureka_greedy_graphs", {})
+        if penalty not in graphs:  # the penalty is a constant of the captured kernels
+            graphs[penalty] = cls(step_fn, cache, batch, length, vocab, penalty, device)
+        return graphs[penalty]
+
+    def start(self, prompt_ids: torch.Tensor, prompt_counted: torch.Tensor, first_ids: torch.Tensor,
+              positions: torch.Tensor, kv_valid: torch.Tensor) -> None:
+        """Load a decode's state after its prefill: the prompt ids ``[batch, prompt]`` and which of them the
+        repetition penalty counts (not the left padding), the first picked ids ``[batch, 1]``, their positions and
+        the prompt's valid cache slots; the first fed token goes to the slot after the prompt."""
+        self.ids.copy_(first_ids)
+        self.positions.copy_(positions)
+        self.kv_valid.copy_(kv_valid)
+        self.slot.fill_(prompt_ids.shape[1])
+        self.seen.zero_()
+        if self.penalty is not None:
+            vocab = self.seen.shape[1]  # ids past the logits (never generated) go to a dropped extra column
+            seen = torch.zeros(self.seen.shape[0], vocab + 1, dtype=torch.bool, device=self.seen.device)
+            seen.scatter_(1, prompt_ids.clamp(max=vocab).masked_fill(~prompt_counted, vocab), True)
+            self.seen.copy_(seen[:, :vocab]).scatter_(1, first_ids, True)
+
+    def _advance(self) -> None:
+        self.kv_valid.index_fill_(1, self.slot, True)
+        scores = self.step_fn(self.ids, self.positions, self.kv_valid[:, None, None, :], self.cache).float()
+        if self.penalty is not None:
+            penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            scores = torch.where(self.seen, penalised, scores)
+        self.ids.copy_(scores.argmax(-1, keepdim=True))
+        if self.penalty is not None:
+            self.seen.scatter_(1, self.ids, True)
+        self.positions.add_(1)
+        self.slot.add_(1)
+
+    def advance(self) -> torch.Tensor:
+        """Feed ``ids`` to the model and replace them with its greedy pick (returned: the buffer itself)."""
+        if self.ids.device.type != "cuda":
+            self._advance()
+        elif self.graph is None:
+            device = self.ids.device
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._advance()  # the warm-up a capture needs is this token's real work (and the step's compile)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._advance()  # recorded, not run
+            self.graph = graph
+        else:
+            self.graph.replay()
+        return self.ids
 
 
 class _CachePool:
@@ -356,6 +483,9 @@ class FastDecoder:
         cuda_graphs: bool | None = None,
         fused: bool | None = None,
         overlap: bool | None = None,
+        greedy_graphs: bool | None = None,
+        attention: str = "sdpa",
+        matvec: str = "matmul",
     ):
         """``cuda_graphs`` replays the step as a CUDA graph (:class:`CudaGraphStep`); ``None`` means "when the
         backbone is on a CUDA device, the step is not compiled (a compiled step gets graphs from
@@ -365,7 +495,12 @@ class FastDecoder:
         any size (its concatenated weights are a second copy of the backbone's linears), in a graph-safe form when
         the step is graphed or compiled. ``overlap`` queues each step before the host reads the previous token
         (``None``: on a CUDA device, where the GPU would otherwise idle while Python streams the token; on a CPU the
-        extra step after a stop is pure cost)."""
+        extra step after a stop is pure cost). ``greedy_graphs`` runs greedy decodes without logits processors
+        through :class:`GreedyStepGraph` (step, argmax and bookkeeping as one CUDA graph); ``None`` means "when the
+        step is graphed and the fused graph-safe step", and it needs a graph-safe fused step (on a CPU it runs the
+        same loop eagerly). ``attention`` and ``matvec`` are passed to :class:`FusedQwen3Step`.
+        A compiled step is compiled first, then graphed: ``compile_mode="reduce-overhead"`` (torch.compile's own
+        CUDA graphs) replaces our graphs."""
         if not supports_fast_decode(backbone):
             raise ValueError("FastDecoder needs a backbone whose layers are all full attention")
         self.backbone = backbone
@@ -374,8 +509,11 @@ class FastDecoder:
         walkable = backbone.config.model_type in LAYER_WALK_MODEL_TYPES and hasattr(backbone, "model")
         self._module_step_fn = self._layers_step if walkable else self._forward
         self._step_fn = self._module_step_fn
+        own_graphs_ok = compile_mode != "reduce-overhead"  # torch.compile's graphs cannot nest inside ours
         if cuda_graphs is None:
-            cuda_graphs = backbone.device.type == "cuda" and not compile_step and cuda_graphs_allowed()
+            cuda_graphs = backbone.device.type == "cuda" and own_graphs_ok and cuda_graphs_allowed()
+        elif cuda_graphs and not own_graphs_ok:
+            raise ValueError('compile_mode="reduce-overhead" brings its own CUDA graphs; leave cuda_graphs off')
         self.cuda_graphs = cuda_graphs
         self.overlap = backbone.device.type == "cuda" if overlap is None else overlap
         if fused is None:
@@ -387,17 +525,22 @@ class FastDecoder:
         elif fused and not supports_fused_step(backbone, any_size=True):
             raise ValueError("the fused step needs a Qwen3 backbone with plain bias-free linears")
         self.max_step_positions: int | None = None  # past this, decode walks the modules (graph-safe table limit)
+        graph_safe = bool(fused and (cuda_graphs or compile_step or greedy_graphs))
         if fused:
-            graph_safe = cuda_graphs or compile_step
-            self._step_fn = FusedQwen3Step(backbone, graph_safe=graph_safe)
+            self._step_fn = FusedQwen3Step(backbone, graph_safe=graph_safe, attention=attention, matvec=matvec)
             if graph_safe:
                 self.max_step_positions = self._step_fn.max_positions
-        if cuda_graphs:
-            self._step_fn = CudaGraphStep(self._step_fn)
         if compile_step:
             # dynamic=False: one graph per (batch, cache length) bucket; the decode step's shapes never change.
-            # compile_mode="reduce-overhead" adds CUDA graphs on a GPU (scripts/gpu_bench.py).
             self._step_fn = torch.compile(self._step_fn, dynamic=False, mode=compile_mode)
+        if greedy_graphs is None:
+            greedy_graphs = graph_safe and cuda_graphs
+        elif greedy_graphs and not (graph_safe and own_graphs_ok):
+            raise ValueError("greedy graphs need the fused step (a Qwen3 backbone) and no reduce-overhead compile")
+        # the step a GreedyStepGraph captures: the fused graph-safe step, compiled when asked, not yet graphed
+        self._greedy_step = self._step_fn if greedy_graphs else None
+        if cuda_graphs:
+            self._step_fn = CudaGraphStep(self._step_fn)
 
     @contextlib.contextmanager
     def module_step(self) -> Iterator[None]:
@@ -534,9 +677,26 @@ class FastDecoder:
 
         if streamer is not None:  # the prompt first, as generate() does (skip_prompt streamers drop it)
             streamer.put(input_ids.cpu())
+        # greedy (the only processor then is the repetition penalty, which the graph applies itself)
+        greedy_graph = (self._greedy_step is not None and step_fn is not self._module_step_fn and not config.do_sample
+                        and all(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors))
         cache = self.pool.take(self.backbone.config, batch, length)
         try:
             logits = self._prefill(inputs_embeds, positions, kv_valid, cache)
+            if greedy_graph:
+                penalty = processors[0] if processors else None
+                graph = GreedyStepGraph.for_cache(self._greedy_step, cache, batch, length, logits.shape[-1],
+                                                  penalty.penalty if penalty else None, device)
+                first_ids = processors(input_ids, logits.float()).argmax(-1, keepdim=True)
+                counted = torch.ones_like(input_ids, dtype=torch.bool)
+                if penalty is not None:  # the processor's own per-row count of left padding
+                    counted = torch.arange(prompt_len, device=device)[None] >= penalty.prompt_ignore_length[:, None]
+                graph.start(input_ids, counted, first_ids, positions[:, -1:] + 1, kv_valid)
+                new_tokens = self._greedy_graph_loop(graph, total_new, limits.cpu(), eos_ids.cpu(), pad,
+                                                     streamer, on_step)
+                steps = new_tokens.shape[1]
+                tokens[:, prompt_len: prompt_len + steps] = new_tokens.to(device)
+                return tokens[:, : prompt_len + steps]
             unfinished = torch.ones(batch, dtype=torch.bool, device=device)
             next_pos = positions[:, -1:] + 1
             mask = kv_valid[:, None, None, :]
@@ -592,6 +752,44 @@ class FastDecoder:
             if streamer is not None:
                 streamer.end()
         return tokens[:, : prompt_len + steps]
+
+    @staticmethod
+    def _greedy_graph_loop(graph: GreedyStepGraph, total_new: int, limits: torch.Tensor, eos_ids: torch.Tensor,
+                           pad: int, streamer: BaseStreamer | None, on_step: StepHook | None) -> torch.Tensor:
+        """The host side of a :class:`GreedyStepGraph` decode: step *n + 1* is launched before token *n* is read
+        (two pinned buffers, one event each), and the stopping rules of :meth:`decode` are applied to the copies.
+        Returns the new tokens ``[batch, steps]`` on the CPU, finished rows padded."""
+        on_gpu = graph.ids.device.type == "cuda"
+        batch = graph.ids.shape[0]
+        host = torch.empty(2, batch, dtype=torch.long, pin_memory=on_gpu)
+        copied = [torch.cuda.Event(), torch.cuda.Event()] if on_gpu else None
+
+        def copy_out(step: int) -> None:
+            host[step % 2].copy_(graph.ids[:, 0], non_blocking=on_gpu)
+            if copied is not None:
+                copied[step % 2].record()
+
+        copy_out(0)  # the prefill's pick, loaded by start()
+        unfinished = torch.ones(batch, dtype=torch.bool)
+        picked: list[torch.Tensor] = []
+        for step in range(total_new):
+            if step + 1 < total_new:
+                graph.advance()
+                copy_out(step + 1)
+            if copied is not None:
+                copied[step % 2].synchronize()
+            next_tokens = torch.where(unfinished, host[step % 2], pad)
+            picked.append(next_tokens)
+            if len(eos_ids):
+                unfinished &= ~torch.isin(next_tokens, eos_ids)
+            unfinished &= limits > step + 1
+            if streamer is not None:
+                streamer.put(next_tokens)
+            if on_step is not None and (stop := on_step(step, next_tokens)) is not None:
+                unfinished &= ~stop.cpu().bool()
+            if not unfinished.any():
+                break
+        return torch.stack(picked, 1)
 
 
 # --- the audio side ---------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from .fast_decode import (
     EncoderCache,
     FastDecoder,
     clip_key,
-    cuda_graphs_allowed,
     encode_trimmed,
     supports_fast_decode,
 )
@@ -353,12 +352,9 @@ class EurekaAudio:
                     set_weight_layout(self.model.backbone, self.weight_layout)
                 self._layout_set = True
             if compiled not in self._decoders:
-                # On a GPU the compiled step gets CUDA graphs too (490 vs 285 tokens/s for the eager fused step's
-                # graphs on an H200, after a ~30 s compile per cache length; docs/performance.md).
-                graphs = self.model.backbone.device.type == "cuda" and cuda_graphs_allowed()
-                self._decoders[compiled] = FastDecoder(
-                    self.model.backbone, compile_step=compiled,
-                    compile_mode="reduce-overhead" if compiled and graphs else None)
+                # On a GPU the compiled step is graphed too (our CUDA graphs, greedy decodes whole steps; a ~30 s
+                # compile per cache length; docs/performance.md).
+                self._decoders[compiled] = FastDecoder(self.model.backbone, compile_step=compiled)
             return self._decoders[compiled]
 
     def enable_batching(self, window_ms: float = 5.0, max_batch: int = 8, max_wait_ms: float = 250.0,

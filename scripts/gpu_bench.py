@@ -22,7 +22,13 @@ only the backbone runs per token. Engines, all batch 1 and greedy with EOS ignor
   from a table) in its graph-safe form, replayed as a CUDA graph;
 * ``fused-compiled`` — the fused step compiled with ``mode="reduce-overhead"`` (inductor fuses the norms, RoPE and
   activation into a few kernels, then CUDA graphs);
+* ``greedy-graph`` — the fused graph-safe step, its argmax, repetition penalty and bookkeeping captured as one CUDA
+  graph per cache (``GreedyStepGraph``): a token is one graph launch;
+* ``greedy-compiled[-flex|-explicit][-reduce]`` — the same with the fused step compiled (inductor's kernels, no
+  torch.compile graphs: ours hold the whole step), attention written as ``flex_attention`` or as explicit
+  reductions instead of SDPA, and the layers' matrix-vector products as reductions instead of cuBLAS GEMV;
 * ``app``         — the app's own path, ``EurekaAudio.generate_ids(engine="fast")`` (CUDA graphs by default on a GPU);
+* ``app-compiled`` — the app's ``"compiled"`` engine;
 * ``fast-graphs`` — the loop with its step compiled with ``mode="reduce-overhead"`` (inductor kernels + CUDA graphs);
 * ``hf-static``   — transformers ``generate(cache_implementation="static")`` (transformers compiles the decode
   step itself on CUDA).
@@ -54,8 +60,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 PAPER_TOKENS_PER_S = 269.7
-ENGINES = ("reference", "fast-cudagraph", "fused-cudagraph", "fused-compiled", "app", "fast", "fast-graphs",
-           "hf-static")
+ENGINES = ("reference", "fast-cudagraph", "fused-cudagraph", "fused-compiled", "greedy-graph", "greedy-compiled",
+           "greedy-compiled-explicit", "greedy-compiled-flex", "greedy-compiled-reduce", "app", "app-compiled",
+           "fast", "fast-graphs", "hf-static")
 
 
 def sync(device: torch.device) -> None:
@@ -126,7 +133,6 @@ DECODERS: dict[str, object] = {}
 
 def run_engine(model, prepared, engine: str, new_tokens: int, device: torch.device) -> dict:
     from bench.measure import TokenTimes
-    from model.fast_decode import FastDecoder
     from model.inference import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0)
@@ -139,21 +145,33 @@ def run_engine(model, prepared, engine: str, new_tokens: int, device: torch.devi
             extra = {"cache_implementation": "static"} if engine == "hf-static" else {}
             ids = model.model.backbone.generate(**prepared.generate_kwargs(), generation_config=config,
                                                 streamer=times, **extra)
-        elif engine == "app":
-            ids = model.generate_ids(prepared, settings, engine="fast", streamer=times, ignore_eos=True)
+        elif engine in ("app", "app-compiled"):
+            ids = model.generate_ids(prepared, settings, engine="compiled" if engine == "app-compiled" else "fast",
+                                     streamer=times, ignore_eos=True)
         else:
             if engine not in DECODERS:
-                compiled = engine in ("fast-graphs", "fused-compiled")
-                DECODERS[engine] = FastDecoder(model.model.backbone, compile_step=compiled,
-                                               compile_mode="reduce-overhead" if compiled else None,
-                                               cuda_graphs=engine.endswith("cudagraph"),
-                                               fused=engine.startswith("fused"))
+                DECODERS[engine] = decoder_for(engine, model.model.backbone)
             ids = DECODERS[engine].decode(prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask,
                                           config, streamer=times, ignore_eos=True)
     sync(device)
     new_ids = ids[0, -new_tokens:].tolist()
     return {"tokens_per_s": times.decode_tokens_per_s(), "ttft_s": times.first_token_s, "tokens": len(times.times),
             "ids": new_ids}
+
+
+def decoder_for(engine: str, backbone):
+    """The ``FastDecoder`` an engine name stands for (see the module docstring)."""
+    from model.fast_decode import FastDecoder, FusedQwen3Step
+
+    if engine.startswith("greedy-"):
+        parts = set(engine.split("-")[1:])
+        attention = next((name for name in FusedQwen3Step.ATTENTION if name in parts), "sdpa")
+        return FastDecoder(backbone, compile_step="compiled" in parts, fused=True, cuda_graphs=True,
+                           greedy_graphs=True, attention=attention, matvec="reduce" if "reduce" in parts else "matmul")
+    compiled = engine in ("fast-graphs", "fused-compiled")
+    return FastDecoder(backbone, compile_step=compiled, compile_mode="reduce-overhead" if compiled else None,
+                       cuda_graphs=engine.endswith("cudagraph"), fused=engine.startswith("fused"),
+                       greedy_graphs=False)
 
 
 def leading_agreement(ids: list[int], other: list[int]) -> int:
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", default="", help="engines to profile after timing (comma-separated): the "
-                        "top GPU kernels of a 64-token decode go to <out>.<engine>.profile.txt")
+                        "top GPU kernels of a --new-tokens decode go to <out>.<engine>.profile.txt")
     args = parser.parse_args(argv)
 
     from model.quantize import backbone_weight_bytes
@@ -232,22 +250,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{engine:15s} {mean:9.1f} tokens/s  (paper {PAPER_TOKENS_PER_S}) {json.dumps(entry)}", flush=True)
         write(result, args.out)
     for engine in filter(None, args.profile.split(",")):
-        profile_engine(model, prepared, engine, device, args.out)
+        profile_engine(model, prepared, engine, args.new_tokens, device, args.out)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def profile_engine(model, prepared, engine: str, device: torch.device, out: Path | None) -> None:
-    """Kernel-level profile of a 64-token decode: where a token's time goes on the GPU (and how many kernels)."""
+def profile_engine(model, prepared, engine: str, new_tokens: int, device: torch.device, out: Path | None) -> None:
+    """Kernel-level profile of a timed-length decode (same cache length, so no new compile or capture): where a
+    token's time goes on the GPU, and how many kernels — divide the totals by ``new_tokens``."""
     from torch.profiler import ProfilerActivity, profile
 
-    run_engine(model, prepared, engine, 64, device)  # warm: captures/compiles for this cache length
+    run_engine(model, prepared, engine, new_tokens, device)  # warm, if the engine was not timed first
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        run_engine(model, prepared, engine, 64, device)
+        run_engine(model, prepared, engine, new_tokens, device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=25)
-    print(f"--- profile: {engine} (64 tokens) ---\n{table}", flush=True)
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    print(f"--- profile: {engine} ({new_tokens} tokens) ---\n{table}", flush=True)
     if out:
         out.with_name(f"{out.stem}.{engine}.profile.txt").write_text(table + "\n")
 

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from conftest import noise, tone
+from transformers.generation.streamers import BaseStreamer
 
 from model import load_model, task_messages
 from model.audio import chunk_log_mel
@@ -142,22 +143,23 @@ def test_cuda_graph_step_is_chosen_on_cuda_only(tiny, monkeypatch) -> None:
     assert torch.equal(short_table.decode(*args), expected)
 
 
+class Collect(BaseStreamer):
+    """Every streamer call, as lists."""
+
+    def __init__(self):
+        self.puts: list[list[int]] = []
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        pass
+
+
 def test_overlapped_decode_equals_the_stepwise_one(tiny) -> None:
     """Queuing each step before the host reads the token (the CUDA default) changes no token, streamed token,
     per-row limit or cancellation — only that a stop is noticed one (discarded) step later."""
-    from transformers.generation.streamers import BaseStreamer
-
     from model import fast_decode
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.puts: list[list[int]] = []
-
-        def put(self, value):
-            self.puts.append(value.tolist())
-
-        def end(self):
-            pass
 
     backbone = tiny.model.backbone
     overlapped = fast_decode.FastDecoder(backbone, overlap=True)
@@ -178,6 +180,123 @@ def test_overlapped_decode_equals_the_stepwise_one(tiny) -> None:
         assert streamed[0].puts == streamed[1].puts
     assert torch.equal(overlapped.decode(*args), tiny.generate_ids(prepared, GenerationSettings(max_new_tokens=40),
                                                                    "reference"))
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_step_graph_loop_equals_the_stepwise_one(tiny, penalty: float) -> None:
+    """The greedy-graph loop (step, argmax and repetition penalty on the device, stopping rules on the host; eager on
+    a CPU) gives the stepwise loop's tokens and streamed tokens, per-row limits and cancellation included, also on a
+    second decode that reuses the pooled cache's state; sampled decodes keep the ordinary loop."""
+    from model import fast_decode
+
+    backbone = tiny.model.backbone
+    graphed = fast_decode.FastDecoder(backbone, greedy_graphs=True)
+    stepwise = fast_decode.FastDecoder(backbone, overlap=False)
+    assert graphed._greedy_step is not None and stepwise._greedy_step is None  # a CPU default: no graphs
+    settings = GenerationSettings(max_new_tokens=40, repetition_penalty=penalty)
+    config = settings.to_generation_config(tiny.special_ids)
+    prepared = tiny.prepare(CONVERSATIONS)
+    args = (prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config)
+
+    def cancel_after(n):
+        return lambda step, tokens: torch.full((tokens.shape[0],), step >= n)
+
+    for kwargs in ({}, {}, {"max_new_tokens": [3, 40, 17, 1]}, {"on_step": cancel_after(6)}, {"ignore_eos": True}):
+        streamed = [Collect(), Collect()]
+        ours = graphed.decode(*args, streamer=streamed[0], **kwargs)
+        assert torch.equal(ours, stepwise.decode(*args, streamer=streamed[1], **kwargs)), kwargs
+        assert streamed[0].puts == streamed[1].puts
+    (cache,) = [cache for _, cache in graphed.pool._idle]
+    assert list(cache._eureka_greedy_graphs) == [None if penalty == 1.0 else penalty]
+    expected = tiny.generate_ids(prepared, settings, "reference")
+    assert torch.equal(graphed.decode(*args), expected)
+    if penalty != 1.0:  # the penalty changes these tokens, so the graph's own penalty is what is checked
+        plain = GenerationSettings(max_new_tokens=40, repetition_penalty=1.0)
+        assert not torch.equal(expected, tiny.generate_ids(prepared, plain, "reference"))
+
+    sampled = GenerationSettings(max_new_tokens=24, temperature=0.8, seed=3, repetition_penalty=penalty)
+    torch.manual_seed(3)
+    ours = graphed.decode(*args[:3], sampled.to_generation_config(tiny.special_ids))
+    assert torch.equal(ours, tiny.generate_ids(prepared, sampled, "reference"))
+    assert list(cache._eureka_greedy_graphs) == [None if penalty == 1.0 else penalty]  # no graph for sampling
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+@pytest.mark.parametrize(("attention", "matvec"), [("explicit", "matmul"), ("flex", "matmul"), ("sdpa", "reduce")])
+def test_fused_step_attention_and_matvec_forms_match_sdpa_and_gemv(tiny, attention: str, matvec: str) -> None:
+    """The compiled step's alternative forms (flex or explicit attention, matrix-vector products as reductions) are
+    the same arithmetic: logits within float32 rounding of the SDPA/GEMV step over a cache with masked slots, and
+    the reference path's greedy tokens."""
+    from transformers import StaticCache
+
+    from model import fast_decode
+
+    backbone = tiny.model.backbone
+    steps = [fast_decode.FusedQwen3Step(backbone), fast_decode.FusedQwen3Step(backbone, attention=attention,
+                                                                                 matvec=matvec)]
+    ids, pos = torch.tensor([[5]]), torch.tensor([[3]])
+    mask = torch.tensor([[[[True, False, True, True] + [False] * 12]]])  # a padded slot, then unfilled ones
+    outputs = []
+    for step in steps:
+        cache = StaticCache(config=backbone.config, max_cache_len=16)
+        with torch.inference_mode():
+            outputs.append([step(ids, pos, mask, cache), step(ids + 1, pos + 1, mask | (torch.arange(16) == 4), cache)])
+    for plain, other in zip(*outputs, strict=True):
+        torch.testing.assert_close(other, plain, rtol=1e-5, atol=1e-5)
+
+    settings = GenerationSettings(max_new_tokens=24)
+    prepared = tiny.prepare(CONVERSATIONS[:2])
+    decoder = fast_decode.FastDecoder(backbone, greedy_graphs=True, attention=attention, matvec=matvec)
+    assert torch.equal(decoder.decode(prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask,
+                                      settings.to_generation_config(tiny.special_ids)),
+                       tiny.generate_ids(prepared, settings, "reference"))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        fast_decode.FusedQwen3Step(backbone, attention="paged")
+
+
+def test_compiled_greedy_graph_step_equals_reference(tiny) -> None:
+    """The GPU's fastest form — the fused step compiled, explicit attention, reductions for the matrix-vector
+    products, inside the greedy-graph loop — compiles here too (inductor's CPU backend) and gives the reference
+    path's tokens. Settings that cannot combine are refused with a message."""
+    from model import fast_decode
+
+    backbone = tiny.model.backbone
+    decoder = fast_decode.FastDecoder(backbone, compile_step=True, fused=True, greedy_graphs=True,
+                                      attention="explicit", matvec="reduce")
+    settings = GenerationSettings(max_new_tokens=24)
+    prepared = tiny.prepare(CONVERSATIONS[1:2])
+    assert torch.equal(decoder.decode(prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask,
+                                      settings.to_generation_config(tiny.special_ids)),
+                       tiny.generate_ids(prepared, settings, "reference"))
+    with pytest.raises(ValueError, match="brings its own CUDA graphs"):
+        fast_decode.FastDecoder(backbone, compile_step=True, compile_mode="reduce-overhead", cuda_graphs=True)
+    with pytest.raises(ValueError, match="greedy graphs need the fused step"):
+        fast_decode.FastDecoder(backbone, fused=False, greedy_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+@pytest.mark.parametrize(("attention", "matvec"), [("sdpa", "matmul"), ("explicit", "reduce"), ("flex", "matmul")])
+def test_cuda_compiled_greedy_graphs_equal_reference(attention: str, matvec: str) -> None:
+    """On the GPU: the compiled fused step inside the greedy graph (captured once per cache, replayed per token)
+    gives the reference path's tokens in float32, with and without the repetition penalty, on a second decode that
+    replays the captured graph and on a batch of two; the app's compiled engine is that path."""
+    from model import fast_decode
+
+    model = load_model("tiny-random", device="cuda")
+    decoder = fast_decode.FastDecoder(model.model.backbone, compile_step=True, fused=True, attention=attention,
+                                      matvec=matvec)
+    assert decoder._greedy_step is not None and decoder.cuda_graphs
+    for penalty in (1.0, 1.3):
+        settings = GenerationSettings(max_new_tokens=40, repetition_penalty=penalty)
+        config = settings.to_generation_config(model.special_ids)
+        for conversations in ([CONVERSATIONS[1]], [CONVERSATIONS[1]], CONVERSATIONS[:2]):
+            prepared = model.prepare(conversations)
+            expected = model.generate_ids(prepared, settings, "reference")
+            args = (prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config)
+            assert torch.equal(decoder.decode(*args), expected), (penalty, len(conversations))
+            if attention == "sdpa":
+                assert torch.equal(model.generate_ids(prepared, settings, "compiled"), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
