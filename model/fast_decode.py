@@ -151,14 +151,15 @@ class FusedQwen3Step:
     can be captured as a CUDA graph or compiled whole; positions must then stay inside the table (``max_positions``).
     """
 
-    ATTENTION = ("sdpa", "flex", "explicit")
+    ATTENTION = ("sdpa", "sdpa-bias", "flex", "explicit")
     MATVEC = ("matmul", "reduce")
 
     def __init__(self, backbone: PreTrainedModel, graph_safe: bool = False, attention: str = "sdpa",
                  matvec: str = "matmul"):
         """``attention`` and ``matvec`` pick how a compiled step is written for the GPU (``scripts/gpu_bench.py``
         measures them): ``"sdpa"`` is ``F.scaled_dot_product_attention`` (cuDNN's flash kernel on an H200: ~9 µs
-        for one query over 768 slots, latency-bound); ``"flex"`` is ``flex_attention`` with the cache mask as a
+        for one query over 768 slots, latency-bound), ``"sdpa-bias"`` the same with the mask turned into an additive
+        bias once per step instead of in every layer; ``"flex"`` is ``flex_attention`` with the cache mask as a
         score modifier (compiled, a split-KV decode kernel); ``"explicit"`` writes attention as float32
         multiply-and-sum reductions that inductor turns into its own kernels. ``matvec="reduce"`` writes a
         batch-1 layer linear as a float32 multiply-and-sum over the input features (a reduction inductor can fuse
@@ -263,6 +264,8 @@ class FusedQwen3Step:
         else:  # past the table: the module's own (unsigned) sin, applied with rotate_half's sign below
             cos, sin = self.rotary_emb(hidden, position_ids)
             sin = torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2 :]], -1)
+        if self.attention == "sdpa-bias":
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, -float("inf"))
         for index, (in_norm, qkv, qk_norm, out_proj, post_norm, gate_up, down) in enumerate(self.layers):
             qk, value = F.linear(self.norm(hidden, in_norm), qkv).split(
                 [n_qk * head_dim, self.n_kv_heads * head_dim], -1)
@@ -285,9 +288,10 @@ class FusedQwen3Step:
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
         """One query per row (``[batch, heads, head_dim]``) over the cache (``[batch, kv_heads, slots, head_dim]``),
-        slots where the boolean ``mask`` (``[batch, 1, 1, slots]``) is False left out; grouped heads."""
+        slots where the boolean ``mask`` (``[batch, 1, 1, slots]``; with ``"sdpa-bias"`` its additive form) is False
+        left out; grouped heads."""
         batch, scale = query.shape[0], self.head_dim**-0.5
-        if self.attention == "sdpa":
+        if self.attention in ("sdpa", "sdpa-bias"):
             return F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale,
                                                   enable_gqa=True)
         if self.attention == "flex":
@@ -486,6 +490,7 @@ class FastDecoder:
         greedy_graphs: bool | None = None,
         attention: str = "sdpa",
         matvec: str = "matmul",
+        compile_options: dict[str, Any] | None = None,
     ):
         """``cuda_graphs`` replays the step as a CUDA graph (:class:`CudaGraphStep`); ``None`` means "when the
         backbone is on a CUDA device, the step is not compiled (a compiled step gets graphs from
@@ -498,7 +503,8 @@ class FastDecoder:
         extra step after a stop is pure cost). ``greedy_graphs`` runs greedy decodes without logits processors
         through :class:`GreedyStepGraph` (step, argmax and bookkeeping as one CUDA graph); ``None`` means "when the
         step is graphed and the fused graph-safe step", and it needs a graph-safe fused step (on a CPU it runs the
-        same loop eagerly). ``attention`` and ``matvec`` are passed to :class:`FusedQwen3Step`.
+        same loop eagerly). ``attention`` and ``matvec`` are passed to :class:`FusedQwen3Step`, ``compile_options``
+        (inductor settings, instead of a ``compile_mode``) to ``torch.compile``.
         A compiled step is compiled first, then graphed: ``compile_mode="reduce-overhead"`` (torch.compile's own
         CUDA graphs) replaces our graphs."""
         if not supports_fast_decode(backbone):
@@ -532,7 +538,7 @@ class FastDecoder:
                 self.max_step_positions = self._step_fn.max_positions
         if compile_step:
             # dynamic=False: one graph per (batch, cache length) bucket; the decode step's shapes never change.
-            self._step_fn = torch.compile(self._step_fn, dynamic=False, mode=compile_mode)
+            self._step_fn = torch.compile(self._step_fn, dynamic=False, mode=compile_mode, options=compile_options)
         if greedy_graphs is None:
             greedy_graphs = graph_safe and cuda_graphs
         elif greedy_graphs and not (graph_safe and own_graphs_ok):

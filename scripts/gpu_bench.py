@@ -24,9 +24,11 @@ only the backbone runs per token. Engines, all batch 1 and greedy with EOS ignor
   activation into a few kernels, then CUDA graphs);
 * ``greedy-graph`` — the fused graph-safe step, its argmax, repetition penalty and bookkeeping captured as one CUDA
   graph per cache (``GreedyStepGraph``): a token is one graph launch;
-* ``greedy-compiled[-flex|-explicit][-reduce]`` — the same with the fused step compiled (inductor's kernels, no
-  torch.compile graphs: ours hold the whole step), attention written as ``flex_attention`` or as explicit
-  reductions instead of SDPA, and the layers' matrix-vector products as reductions instead of cuBLAS GEMV;
+* ``greedy-compiled[-bias|-flex|-explicit][-reduce][-autotune][-cdt]`` — the same with the fused step compiled
+  (inductor's kernels, no torch.compile graphs: ours hold the whole step); SDPA given an additive bias made once
+  per step, or attention written as ``flex_attention`` or as explicit reductions; the layers' matrix-vector products
+  as reductions instead of cuBLAS GEMV; inductor's ``max_autotune`` (Triton GEMM templates timed against cuBLAS)
+  and ``coordinate_descent_tuning`` (its own kernels' block sizes tuned);
 * ``app``         — the app's own path, ``EurekaAudio.generate_ids(engine="fast")`` (CUDA graphs by default on a GPU);
 * ``app-compiled`` — the app's ``"compiled"`` engine;
 * ``fast-graphs`` — the loop with its step compiled with ``mode="reduce-overhead"`` (inductor kernels + CUDA graphs);
@@ -165,9 +167,12 @@ def decoder_for(engine: str, backbone):
 
     if engine.startswith("greedy-"):
         parts = set(engine.split("-")[1:])
-        attention = next((name for name in FusedQwen3Step.ATTENTION if name in parts), "sdpa")
+        attention = "sdpa-bias" if "bias" in parts else next(
+            (name for name in FusedQwen3Step.ATTENTION if name in parts), "sdpa")
+        options = {"max_autotune": "autotune" in parts, "coordinate_descent_tuning": "cdt" in parts}
         return FastDecoder(backbone, compile_step="compiled" in parts, fused=True, cuda_graphs=True,
-                           greedy_graphs=True, attention=attention, matvec="reduce" if "reduce" in parts else "matmul")
+                           greedy_graphs=True, attention=attention, matvec="reduce" if "reduce" in parts else "matmul",
+                           compile_options={k: v for k, v in options.items() if v} or None)
     compiled = engine in ("fast-graphs", "fused-compiled")
     return FastDecoder(backbone, compile_step=compiled, compile_mode="reduce-overhead" if compiled else None,
                        cuda_graphs=engine.endswith("cudagraph"), fused=engine.startswith("fused"),

@@ -222,7 +222,8 @@ def test_greedy_step_graph_loop_equals_the_stepwise_one(tiny, penalty: float) ->
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
-@pytest.mark.parametrize(("attention", "matvec"), [("explicit", "matmul"), ("flex", "matmul"), ("sdpa", "reduce")])
+@pytest.mark.parametrize(("attention", "matvec"),
+                         [("sdpa-bias", "matmul"), ("explicit", "matmul"), ("flex", "matmul"), ("sdpa", "reduce")])
 def test_fused_step_attention_and_matvec_forms_match_sdpa_and_gemv(tiny, attention: str, matvec: str) -> None:
     """The compiled step's alternative forms (flex or explicit attention, matrix-vector products as reductions) are
     the same arithmetic: logits within float32 rounding of the SDPA/GEMV step over a cache with masked slots, and
