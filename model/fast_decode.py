@@ -14,8 +14,9 @@ here keeps what matters and drops the rest:
 * for small Qwen3 backbones, :class:`FusedQwen3Step`: the same decode step in about half the tensor operations
   (a 10 MB model spends most of a step in per-operation overhead, not in reading weights);
 * on a CUDA device, :class:`CudaGraphStep`: the step replayed as one captured CUDA graph (a GPU reads the weights
-  faster than Python can launch the step's kernels);
-* optionally a ``torch.compile``-d decode step (measured in ``docs/performance.md``).
+  faster than Python can launch the step's kernels), and for greedy decodes :class:`GreedyStepGraph`: the step, the
+  repetition penalty, the argmax and the loop's bookkeeping as one graph, so a token is one launch;
+* optionally a ``torch.compile``-d decode step, graphed the same way on a GPU (measured in ``docs/performance.md``).
 
 The audio side: :class:`EncoderCache` keeps encoder outputs per clip content (multi-turn QA and the routing view ask
 several things about one clip), and :func:`encode_trimmed` runs the Whisper encoder only over the real frames of a
@@ -105,6 +106,10 @@ LAYER_WALK_MODEL_TYPES = {"qwen3", "qwen2", "llama", "mistral"}
 # model's decode is bound by reading them (the official model: 3.4 GB), so the copy would cost memory for nothing.
 FUSED_STEP_MAX_BYTES = 256 * 2**20
 ROPE_TABLE_POSITIONS = 8192  # the fused step's cos/sin table; later positions ask the rotary module
+# Inductor settings for a compiled decode step on a GPU: coordinate-descent tuning of its own kernels' block sizes
+# (the norms, RoPE, SiLU and cache writes between the GEMVs) took the full model's batch-1 decode on an H200 from 504
+# to 587 tokens/s, for ~30 s more compile (docs/performance.md, section c).
+GPU_COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def _fused_linears(backbone: PreTrainedModel) -> list[torch.nn.Module]:
@@ -151,24 +156,8 @@ class FusedQwen3Step:
     can be captured as a CUDA graph or compiled whole; positions must then stay inside the table (``max_positions``).
     """
 
-    ATTENTION = ("sdpa", "sdpa-bias", "flex", "explicit")
-    MATVEC = ("matmul", "reduce")
-
-    def __init__(self, backbone: PreTrainedModel, graph_safe: bool = False, attention: str = "sdpa",
-                 matvec: str = "matmul"):
-        """``attention`` and ``matvec`` pick how a compiled step is written for the GPU (``scripts/gpu_bench.py``
-        measures them): ``"sdpa"`` is ``F.scaled_dot_product_attention`` (cuDNN's flash kernel on an H200: ~9 µs
-        for one query over 768 slots, latency-bound), ``"sdpa-bias"`` the same with the mask turned into an additive
-        bias once per step instead of in every layer; ``"flex"`` is ``flex_attention`` with the cache mask as a
-        score modifier (compiled, a split-KV decode kernel); ``"explicit"`` writes attention as float32
-        multiply-and-sum reductions that inductor turns into its own kernels. ``matvec="reduce"`` writes a
-        batch-1 layer linear as a float32 multiply-and-sum over the input features (a reduction inductor can fuse
-        the norm or activation before it into) instead of cuBLAS's GEMV. Eager, the alternatives are slow
-        references; they exist for the compiled step."""
-        if attention not in self.ATTENTION or matvec not in self.MATVEC:
-            raise ValueError(f"attention must be one of {self.ATTENTION} and matvec one of {self.MATVEC}")
+    def __init__(self, backbone: PreTrainedModel, graph_safe: bool = False):
         self.graph_safe = graph_safe
-        self.attention, self.matvec = attention, matvec
         config, inner = backbone.config, backbone.model
         self.lm_head, self.embed_tokens, self.rotary_emb = backbone.lm_head, inner.embed_tokens, inner.rotary_emb
         self.final_norm = inner.norm.weight
@@ -264,8 +253,6 @@ class FusedQwen3Step:
         else:  # past the table: the module's own (unsigned) sin, applied with rotate_half's sign below
             cos, sin = self.rotary_emb(hidden, position_ids)
             sin = torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2 :]], -1)
-        if self.attention == "sdpa-bias":
-            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, -float("inf"))
         for index, (in_norm, qkv, qk_norm, out_proj, post_norm, gate_up, down) in enumerate(self.layers):
             qk, value = F.linear(self.norm(hidden, in_norm), qkv).split(
                 [n_qk * head_dim, self.n_kv_heads * head_dim], -1)
@@ -273,41 +260,12 @@ class FusedQwen3Step:
             qk = qk * cos + qk.roll(head_dim // 2, -1) * sin
             query, key = qk.split([self.n_heads, self.n_kv_heads], 1)
             keys, values = store(index, key, value.view(batch, self.n_kv_heads, head_dim))
-            attended = self.attend(query, keys, values, mask)
-            hidden = hidden + self.linear(attended.view(batch, 1, -1), out_proj)
-            gate, up = self.linear(self.norm(hidden, post_norm), gate_up).split([self.intermediate] * 2, -1)
-            hidden = hidden + self.linear(F.silu(gate) * up, down)
+            attended = F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask,
+                                                      scale=head_dim**-0.5, enable_gqa=True)
+            hidden = hidden + F.linear(attended.view(batch, 1, -1), out_proj)
+            gate, up = F.linear(self.norm(hidden, post_norm), gate_up).split([self.intermediate] * 2, -1)
+            hidden = hidden + F.linear(F.silu(gate) * up, down)
         return self.lm_head(self.norm(hidden[:, -1], self.final_norm))
-
-    def linear(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """A layer's bias-free linear; at batch 1 with ``matvec="reduce"``, as a float32 multiply-and-sum."""
-        if self.matvec == "reduce" and inputs.shape[0] == 1:
-            return (inputs[..., None, :].float() * weight.float()).sum(-1).to(inputs.dtype)
-        return F.linear(inputs, weight)
-
-    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-        """One query per row (``[batch, heads, head_dim]``) over the cache (``[batch, kv_heads, slots, head_dim]``),
-        slots where the boolean ``mask`` (``[batch, 1, 1, slots]``; with ``"sdpa-bias"`` its additive form) is False
-        left out; grouped heads."""
-        batch, scale = query.shape[0], self.head_dim**-0.5
-        if self.attention in ("sdpa", "sdpa-bias"):
-            return F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale,
-                                                  enable_gqa=True)
-        if self.attention == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
-
-            valid = mask.view(batch, -1)
-
-            def keep_valid(score, b, h, q_index, kv_index):
-                return torch.where(valid[b, kv_index], score, -float("inf"))
-
-            return flex_attention(query[:, :, None], keys, values, score_mod=keep_valid, scale=scale, enable_gqa=True)
-        grouped = query.view(batch, self.n_kv_heads, -1, 1, self.head_dim).float()  # [b, kv, group, 1, d]
-        scores = (grouped * keys[:, :, None].float()).sum(-1) * scale  # [b, kv, group, slots]
-        probs = scores.masked_fill(~mask.view(batch, 1, 1, -1), -float("inf")).softmax(-1)
-        attended = (probs[..., None] * values[:, :, None].float()).sum(-2)  # [b, kv, group, d]
-        return attended.to(query.dtype).view(batch, self.n_heads, 1, self.head_dim)
 
 
 class CudaGraphStep:
@@ -488,8 +446,6 @@ class FastDecoder:
         fused: bool | None = None,
         overlap: bool | None = None,
         greedy_graphs: bool | None = None,
-        attention: str = "sdpa",
-        matvec: str = "matmul",
         compile_options: dict[str, Any] | None = None,
     ):
         """``cuda_graphs`` replays the step as a CUDA graph (:class:`CudaGraphStep`); ``None`` means "when the
@@ -503,8 +459,8 @@ class FastDecoder:
         extra step after a stop is pure cost). ``greedy_graphs`` runs greedy decodes without logits processors
         through :class:`GreedyStepGraph` (step, argmax and bookkeeping as one CUDA graph); ``None`` means "when the
         step is graphed and the fused graph-safe step", and it needs a graph-safe fused step (on a CPU it runs the
-        same loop eagerly). ``attention`` and ``matvec`` are passed to :class:`FusedQwen3Step`, ``compile_options``
-        (inductor settings, instead of a ``compile_mode``) to ``torch.compile``.
+        same loop eagerly). ``compile_options`` are inductor settings for ``torch.compile`` (instead of a
+        ``compile_mode``; :data:`GPU_COMPILE_OPTIONS` is what the app's compiled engine uses on a GPU).
         A compiled step is compiled first, then graphed: ``compile_mode="reduce-overhead"`` (torch.compile's own
         CUDA graphs) replaces our graphs."""
         if not supports_fast_decode(backbone):
@@ -533,7 +489,7 @@ class FastDecoder:
         self.max_step_positions: int | None = None  # past this, decode walks the modules (graph-safe table limit)
         graph_safe = bool(fused and (cuda_graphs or compile_step or greedy_graphs))
         if fused:
-            self._step_fn = FusedQwen3Step(backbone, graph_safe=graph_safe, attention=attention, matvec=matvec)
+            self._step_fn = FusedQwen3Step(backbone, graph_safe=graph_safe)
             if graph_safe:
                 self.max_step_positions = self._step_fn.max_positions
         if compile_step:

@@ -26,6 +26,7 @@ from .audio import FRAMES_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioFeatur
 from .batcher import Batcher, BatchRequest
 from .config import EurekaConfig
 from .fast_decode import (
+    GPU_COMPILE_OPTIONS,
     EncoderCache,
     FastDecoder,
     clip_key,
@@ -352,9 +353,12 @@ class EurekaAudio:
                     set_weight_layout(self.model.backbone, self.weight_layout)
                 self._layout_set = True
             if compiled not in self._decoders:
-                # On a GPU the compiled step is graphed too (our CUDA graphs, greedy decodes whole steps; a ~30 s
-                # compile per cache length; docs/performance.md).
-                self._decoders[compiled] = FastDecoder(self.model.backbone, compile_step=compiled)
+                # On a GPU the compiled step is graphed too (greedy decodes as whole steps, GreedyStepGraph) and
+                # its kernels tuned: 587 tokens/s for the full model on an H200, after a ~55 s compile per cache
+                # length (docs/performance.md, section c).
+                on_gpu = compiled and self.model.backbone.device.type == "cuda"
+                self._decoders[compiled] = FastDecoder(self.model.backbone, compile_step=compiled,
+                                                       compile_options=GPU_COMPILE_OPTIONS if on_gpu else None)
             return self._decoders[compiled]
 
     def enable_batching(self, window_ms: float = 5.0, max_batch: int = 8, max_wait_ms: float = 250.0,

@@ -2,7 +2,7 @@
 
 For a lent H100/H200 machine (no GPU here)::
 
-    python scripts/gpu_bench.py --device cuda --out gpu_bench.json --profile fused-compiled
+    python scripts/gpu_bench.py --device cuda --out gpu_bench.json --profile greedy-compiled-cdt
     python scripts/gpu_bench.py --device cpu --preset tiny-random --new-tokens 16   # smoke test anywhere
 
 It needs torch with CUDA, transformers >= 5.24 and what ``model`` imports (soundfile, soxr, openai-whisper's
@@ -24,11 +24,10 @@ only the backbone runs per token. Engines, all batch 1 and greedy with EOS ignor
   activation into a few kernels, then CUDA graphs);
 * ``greedy-graph`` — the fused graph-safe step, its argmax, repetition penalty and bookkeeping captured as one CUDA
   graph per cache (``GreedyStepGraph``): a token is one graph launch;
-* ``greedy-compiled[-bias|-flex|-explicit][-reduce][-autotune][-cdt]`` — the same with the fused step compiled
-  (inductor's kernels, no torch.compile graphs: ours hold the whole step); SDPA given an additive bias made once
-  per step, or attention written as ``flex_attention`` or as explicit reductions; the layers' matrix-vector products
-  as reductions instead of cuBLAS GEMV; inductor's ``max_autotune`` (Triton GEMM templates timed against cuBLAS)
-  and ``coordinate_descent_tuning`` (its own kernels' block sizes tuned);
+* ``greedy-compiled[-autotune][-cdt]`` — the same with the fused step compiled (inductor's kernels, no
+  torch.compile graphs: ours hold the whole step); with inductor's ``max_autotune`` (Triton GEMM templates timed
+  against cuBLAS) and/or ``coordinate_descent_tuning`` (its own kernels' block sizes tuned). ``greedy-compiled-cdt``
+  is the app's ``"compiled"`` engine on a GPU;
 * ``app``         — the app's own path, ``EurekaAudio.generate_ids(engine="fast")`` (CUDA graphs by default on a GPU);
 * ``app-compiled`` — the app's ``"compiled"`` engine;
 * ``fast-graphs`` — the loop with its step compiled with ``mode="reduce-overhead"`` (inductor kernels + CUDA graphs);
@@ -63,8 +62,7 @@ import transformers  # noqa: E402
 
 PAPER_TOKENS_PER_S = 269.7
 ENGINES = ("reference", "fast-cudagraph", "fused-cudagraph", "fused-compiled", "greedy-graph", "greedy-compiled",
-           "greedy-compiled-explicit", "greedy-compiled-flex", "greedy-compiled-reduce", "app", "app-compiled",
-           "fast", "fast-graphs", "hf-static")
+           "greedy-compiled-cdt", "app", "app-compiled", "fast", "fast-graphs", "hf-static")
 
 
 def sync(device: torch.device) -> None:
@@ -163,16 +161,13 @@ def run_engine(model, prepared, engine: str, new_tokens: int, device: torch.devi
 
 def decoder_for(engine: str, backbone):
     """The ``FastDecoder`` an engine name stands for (see the module docstring)."""
-    from model.fast_decode import FastDecoder, FusedQwen3Step
+    from model.fast_decode import FastDecoder
 
     if engine.startswith("greedy-"):
         parts = set(engine.split("-")[1:])
-        attention = "sdpa-bias" if "bias" in parts else next(
-            (name for name in FusedQwen3Step.ATTENTION if name in parts), "sdpa")
         options = {"max_autotune": "autotune" in parts, "coordinate_descent_tuning": "cdt" in parts}
         return FastDecoder(backbone, compile_step="compiled" in parts, fused=True, cuda_graphs=True,
-                           greedy_graphs=True, attention=attention, matvec="reduce" if "reduce" in parts else "matmul",
-                           compile_options={k: v for k, v in options.items() if v} or None)
+                           greedy_graphs=True, compile_options={k: v for k, v in options.items() if v} or None)
     compiled = engine in ("fast-graphs", "fused-compiled")
     return FastDecoder(backbone, compile_step=compiled, compile_mode="reduce-overhead" if compiled else None,
                        cuda_graphs=engine.endswith("cudagraph"), fused=engine.startswith("fused"),

@@ -57,11 +57,12 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_config(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--device", "cpu", "--preset",
                     "tiny-random", "--new-tokens", "8", "--prompt-tokens", "16", "--repeats", "1",
-                    "--engines", "reference,fast", "--out", str(out)], check=True, cwd=ROOT, capture_output=True,
+                    "--engines", "reference,fast,greedy-compiled-cdt", "--out", str(out)], check=True, cwd=ROOT,
+                   capture_output=True,
                    env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     result = json.loads(out.read_text())
     assert result["paper_tokens_per_s"] == 269.7
-    assert all(result["engines"][e]["tokens_per_s"] > 0 for e in ("reference", "fast"))
+    assert all(result["engines"][e]["tokens_per_s"] > 0 for e in ("reference", "fast", "greedy-compiled-cdt"))
 
 
 def test_concurrency_rounds_report_the_median_of_interleaved_runs(tmp_path: Path) -> None:

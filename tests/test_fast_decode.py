@@ -221,49 +221,13 @@ def test_greedy_step_graph_loop_equals_the_stepwise_one(tiny, penalty: float) ->
     assert list(cache._eureka_greedy_graphs) == [None if penalty == 1.0 else penalty]  # no graph for sampling
 
 
-@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
-@pytest.mark.parametrize(("attention", "matvec"),
-                         [("sdpa-bias", "matmul"), ("explicit", "matmul"), ("flex", "matmul"), ("sdpa", "reduce")])
-def test_fused_step_attention_and_matvec_forms_match_sdpa_and_gemv(tiny, attention: str, matvec: str) -> None:
-    """The compiled step's alternative forms (flex or explicit attention, matrix-vector products as reductions) are
-    the same arithmetic: logits within float32 rounding of the SDPA/GEMV step over a cache with masked slots, and
-    the reference path's greedy tokens."""
-    from transformers import StaticCache
-
-    from model import fast_decode
-
-    backbone = tiny.model.backbone
-    steps = [fast_decode.FusedQwen3Step(backbone), fast_decode.FusedQwen3Step(backbone, attention=attention,
-                                                                                 matvec=matvec)]
-    ids, pos = torch.tensor([[5]]), torch.tensor([[3]])
-    mask = torch.tensor([[[[True, False, True, True] + [False] * 12]]])  # a padded slot, then unfilled ones
-    outputs = []
-    for step in steps:
-        cache = StaticCache(config=backbone.config, max_cache_len=16)
-        with torch.inference_mode():
-            outputs.append([step(ids, pos, mask, cache), step(ids + 1, pos + 1, mask | (torch.arange(16) == 4), cache)])
-    for plain, other in zip(*outputs, strict=True):
-        torch.testing.assert_close(other, plain, rtol=1e-5, atol=1e-5)
-
-    settings = GenerationSettings(max_new_tokens=24)
-    prepared = tiny.prepare(CONVERSATIONS[:2])
-    decoder = fast_decode.FastDecoder(backbone, greedy_graphs=True, attention=attention, matvec=matvec)
-    assert torch.equal(decoder.decode(prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask,
-                                      settings.to_generation_config(tiny.special_ids)),
-                       tiny.generate_ids(prepared, settings, "reference"))
-    with pytest.raises(ValueError, match="attention must be one of"):
-        fast_decode.FusedQwen3Step(backbone, attention="paged")
-
-
 def test_compiled_greedy_graph_step_equals_reference(tiny) -> None:
-    """The GPU's fastest form — the fused step compiled, explicit attention, reductions for the matrix-vector
-    products, inside the greedy-graph loop — compiles here too (inductor's CPU backend) and gives the reference
-    path's tokens. Settings that cannot combine are refused with a message."""
+    """The GPU's fastest form — the fused step compiled inside the greedy-graph loop — compiles here too (inductor's
+    CPU backend) and gives the reference path's tokens. Settings that cannot combine are refused with a message."""
     from model import fast_decode
 
     backbone = tiny.model.backbone
-    decoder = fast_decode.FastDecoder(backbone, compile_step=True, fused=True, greedy_graphs=True,
-                                      attention="explicit", matvec="reduce")
+    decoder = fast_decode.FastDecoder(backbone, compile_step=True, fused=True, greedy_graphs=True)
     settings = GenerationSettings(max_new_tokens=24)
     prepared = tiny.prepare(CONVERSATIONS[1:2])
     assert torch.equal(decoder.decode(prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask,
@@ -276,17 +240,17 @@ def test_compiled_greedy_graph_step_equals_reference(tiny) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
-@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
-@pytest.mark.parametrize(("attention", "matvec"), [("sdpa", "matmul"), ("explicit", "reduce"), ("flex", "matmul")])
-def test_cuda_compiled_greedy_graphs_equal_reference(attention: str, matvec: str) -> None:
-    """On the GPU: the compiled fused step inside the greedy graph (captured once per cache, replayed per token)
-    gives the reference path's tokens in float32, with and without the repetition penalty, on a second decode that
-    replays the captured graph and on a batch of two; the app's compiled engine is that path."""
+@pytest.mark.parametrize("tuned", [False, True])
+def test_cuda_compiled_greedy_graphs_equal_reference(tuned: bool) -> None:
+    """On the GPU: the compiled fused step inside the greedy graph (captured once per cache, replayed per token;
+    ``tuned``: with the app's inductor options) gives the reference path's tokens in float32, with and without the
+    repetition penalty, on a second decode that replays the captured graph and on a batch of two; the app's
+    compiled engine is that path."""
     from model import fast_decode
 
     model = load_model("tiny-random", device="cuda")
-    decoder = fast_decode.FastDecoder(model.model.backbone, compile_step=True, fused=True, attention=attention,
-                                      matvec=matvec)
+    decoder = fast_decode.FastDecoder(model.model.backbone, compile_step=True, fused=True,
+                                      compile_options=fast_decode.GPU_COMPILE_OPTIONS if tuned else None)
     assert decoder._greedy_step is not None and decoder.cuda_graphs
     for penalty in (1.0, 1.3):
         settings = GenerationSettings(max_new_tokens=40, repetition_penalty=penalty)
@@ -296,7 +260,7 @@ def test_cuda_compiled_greedy_graphs_equal_reference(attention: str, matvec: str
             expected = model.generate_ids(prepared, settings, "reference")
             args = (prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config)
             assert torch.equal(decoder.decode(*args), expected), (penalty, len(conversations))
-            if attention == "sdpa":
+            if tuned:
                 assert torch.equal(model.generate_ids(prepared, settings, "compiled"), expected)
 
 
