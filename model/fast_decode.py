@@ -449,20 +449,18 @@ class FastDecoder:
         compile_options: dict[str, Any] | None = None,
     ):
         """``cuda_graphs`` replays the step as a CUDA graph (:class:`CudaGraphStep`); ``None`` means "when the
-        backbone is on a CUDA device, the step is not compiled (a compiled step gets graphs from
-        ``compile_mode="reduce-overhead"`` instead) and ``$EUREKA_CUDA_GRAPHS`` is not 0" (the app sets it to 0 on
-        ZeroGPU, which lends a GPU per call). ``fused`` picks :class:`FusedQwen3Step` over the module walk;
-        ``None`` means "for small Qwen3 backbones, and on a GPU for any Qwen3 whose second copy fits"; ``True`` takes
-        any size (its concatenated weights are a second copy of the backbone's linears), in a graph-safe form when
-        the step is graphed or compiled. ``overlap`` queues each step before the host reads the previous token
-        (``None``: on a CUDA device, where the GPU would otherwise idle while Python streams the token; on a CPU the
-        extra step after a stop is pure cost). ``greedy_graphs`` runs greedy decodes without logits processors
-        through :class:`GreedyStepGraph` (step, argmax and bookkeeping as one CUDA graph); ``None`` means "when the
-        step is graphed and the fused graph-safe step", and it needs a graph-safe fused step (on a CPU it runs the
-        same loop eagerly). ``compile_options`` are inductor settings for ``torch.compile`` (instead of a
-        ``compile_mode``; :data:`GPU_COMPILE_OPTIONS` is what the app's compiled engine uses on a GPU).
-        A compiled step is compiled first, then graphed: ``compile_mode="reduce-overhead"`` (torch.compile's own
-        CUDA graphs) replaces our graphs."""
+        backbone is on a CUDA device, the step is not compiled with ``compile_mode="reduce-overhead"`` (torch.compile's
+        own graphs, which cannot nest in ours) and ``$EUREKA_CUDA_GRAPHS`` is not 0" (the app sets it to 0 on ZeroGPU,
+        which lends a GPU per call). A compiled step is compiled first, then graphed. ``fused`` picks
+        :class:`FusedQwen3Step` over the module walk; ``None`` means "for small Qwen3 backbones, and on a GPU for any
+        Qwen3 whose second copy fits"; ``True`` takes any size (its concatenated weights are a second copy of the
+        backbone's linears), in a graph-safe form when the step is graphed or compiled. ``overlap`` queues each step
+        before the host reads the previous token (``None``: on a CUDA device, where the GPU would otherwise idle
+        while Python streams the token; on a CPU the extra step after a stop is pure cost). ``greedy_graphs`` runs
+        greedy decodes (repetition penalty included) through :class:`GreedyStepGraph`, the step, penalty, argmax and
+        bookkeeping as one CUDA graph; ``None`` means "when the step is graphed and fused"; it needs the fused step
+        (on a CPU it runs the same loop eagerly). ``compile_options`` are inductor settings for ``torch.compile``
+        instead of a ``compile_mode`` (:data:`GPU_COMPILE_OPTIONS`: the app's compiled engine on a GPU)."""
         if not supports_fast_decode(backbone):
             raise ValueError("FastDecoder needs a backbone whose layers are all full attention")
         self.backbone = backbone
