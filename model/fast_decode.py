@@ -327,6 +327,8 @@ class GreedyStepGraph:
     check against the stepwise loop).
     """
 
+    MAX_PER_CACHE = 4  # graphs (one per repetition penalty) kept on a cache; each holds a private memory pool
+
     def __init__(self, step_fn: Callable[..., torch.Tensor], cache: StaticCache, batch: int, length: int,
                  vocab: int, penalty: float | None, device: torch.device):
         self.step_fn, self.cache, self.penalty = step_fn, cache, penalty
@@ -342,9 +344,12 @@ class GreedyStepGraph:
                   vocab: int, penalty: float | None, device: torch.device) -> GreedyStepGraph:
         """The cache's graph for this step function and penalty (built on first use; it writes into that cache's
         tensors). A pool's caches serve one decoder, so the step function is always the same one."""
-        graphs = cache.__dict__.setdefault("_eureka_greedy_graphs", {})
+        graphs: OrderedDict = cache.__dict__.setdefault("_eureka_greedy_graphs", OrderedDict())
         if penalty not in graphs:  # the penalty is a constant of the captured kernels
+            if len(graphs) >= cls.MAX_PER_CACHE:  # requests may carry any penalty: keep the recent few
+                graphs.popitem(last=False)
             graphs[penalty] = cls(step_fn, cache, batch, length, vocab, penalty, device)
+        graphs.move_to_end(penalty)
         return graphs[penalty]
 
     def start(self, prompt_ids: torch.Tensor, prompt_counted: torch.Tensor, first_ids: torch.Tensor,

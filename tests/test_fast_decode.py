@@ -220,6 +220,11 @@ def test_greedy_step_graph_loop_equals_the_stepwise_one(tiny, penalty: float) ->
     assert torch.equal(ours, tiny.generate_ids(prepared, sampled, "reference"))
     assert list(cache._eureka_greedy_graphs) == [None if penalty == 1.0 else penalty]  # no graph for sampling
 
+    for other in (1.1, 1.2, 1.4, 1.5, 1.1):  # any penalty a request sends: only the most recent few are kept
+        settings = GenerationSettings(max_new_tokens=4, repetition_penalty=other)
+        graphed.decode(*args[:3], settings.to_generation_config(tiny.special_ids))
+    assert list(cache._eureka_greedy_graphs) == [1.2, 1.4, 1.5, 1.1]
+
 
 def test_compiled_greedy_graph_step_equals_reference(tiny) -> None:
     """The GPU's fastest form — the fused step compiled inside the greedy-graph loop — compiles here too (inductor's
