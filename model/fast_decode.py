@@ -644,7 +644,7 @@ class FastDecoder:
             streamer.put(input_ids.cpu())
         # greedy (the only processor then is the repetition penalty, which the graph applies itself)
         greedy_graph = (self._greedy_step is not None and step_fn is not self._module_step_fn and not config.do_sample
-                        and all(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors))
+                        and all(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors) and total_new > 0)
         cache = self.pool.take(self.backbone.config, batch, length)
         try:
             logits = self._prefill(inputs_embeds, positions, kv_valid, cache)

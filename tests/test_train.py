@@ -192,12 +192,14 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert "resuming: stage sft step 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("encoder_from_step", [0, 3])
-def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Path, tmp_path: Path,
-                                                                    encoder_from_step: int) -> None:
+@pytest.mark.parametrize(("encoder_from_step", "encoder_until_step"), [(0, 0), (3, 0), (0, 2)])
+def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Path, tmp_path: Path, capsys,
+                                                                    encoder_from_step: int,
+                                                                    encoder_until_step: int) -> None:
     """--encoder-layers 1: the last Whisper block and ln_post learn in SFT (from a cached hidden state); the blocks
     before it stay the real Whisper weights, and the exported checkpoint carries the trained ones. With
-    --encoder-from-step 3 the 3 SFT steps all come before it: the encoder stays Whisper's."""
+    --encoder-from-step 3 the 3 SFT steps all come before it: the encoder stays Whisper's. With --encoder-until-step
+    2 it trains in steps 0–1, then its outputs are re-cached once and step 2 reads them."""
     from model import load_model
     from model.whisper_ct2 import load_whisper_tiny_en_encoder
 
@@ -206,7 +208,7 @@ def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Pa
                  "--sft-steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
                  "--encoder-layers", "1", "--encoder-lr-scale", "1", "--records-per-clip", "2",
                  "--length-buckets", "2", "--encoder-from-step", str(encoder_from_step),
-                 "--export", str(tmp_path / "ckpt")]) == 0
+                 "--encoder-until-step", str(encoder_until_step), "--export", str(tmp_path / "ckpt")]) == 0
     whisper = load_whisper_tiny_en_encoder().state_dict()
     trained = torch.load(run / "resume.pt", weights_only=False)["model"]
     changed = {name.rsplit(".", 1)[0] for name in whisper
@@ -214,6 +216,10 @@ def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Pa
     last_block = {"blocks.3.attn.query", "blocks.3.attn.key", "blocks.3.attn.value", "blocks.3.attn.out",
                   "blocks.3.attn_ln", "blocks.3.mlp.0", "blocks.3.mlp.2", "blocks.3.mlp_ln", "ln_post"}
     assert changed == (set() if encoder_from_step == 3 else last_block)
+    sft_log = [json.loads(line) for line in open(run / "train_log.jsonl") if '"sft"' in line]
+    expected = [encoder_from_step <= step < (encoder_until_step or 3) for step in range(3)]
+    assert [row["encoder_trained"] for row in sft_log] == expected
+    assert ("re-cached and fixed" in capsys.readouterr().out) == bool(encoder_until_step)
     assert (run / "encoder_hidden_trimmed_3.pt").is_file()
     exported = load_model(tmp_path / "ckpt").model.audio_encoder.state_dict()
     torch.testing.assert_close(exported["ln_post.weight"].float(), trained["audio_encoder.ln_post.weight"],
@@ -250,6 +256,24 @@ def test_sampler_groups_records_by_clip_and_by_length_deterministically() -> Non
         TrainConfig(batch_size=16, records_per_clip=3)
     with pytest.raises(ValueError, match="encoder_from_step needs encoder_layers"):
         TrainConfig(encoder_from_step=100)
+    with pytest.raises(ValueError, match="encoder_until_step needs encoder_layers"):
+        TrainConfig(encoder_until_step=100)
+    with pytest.raises(ValueError, match="must come after encoder_from_step"):
+        TrainConfig(encoder_layers=2, encoder_from_step=100, encoder_until_step=50)
+
+
+def test_refreshing_the_encoder_cache_stores_what_the_trained_blocks_compute_now() -> None:
+    """--encoder-until-step's re-cache: every clip's entry becomes the features function's output, in the cache's
+    own dtype, without gradients."""
+    from model.train import refresh_encoder_cache
+
+    weight = torch.nn.Parameter(torch.tensor(3.0))
+    source = {f"clip{i}": torch.randn(4 + i, 8) for i in range(5)}
+    cache = {name: torch.zeros(value.shape, dtype=torch.float16) for name, value in source.items()}
+    refresh_encoder_cache(cache, lambda names: {n: source[n] * weight for n in names}, batch=2)
+    for name, value in source.items():
+        assert cache[name].dtype == torch.float16 and not cache[name].requires_grad
+        torch.testing.assert_close(cache[name], (value * 3).half())
 
 
 def test_sound_questions_ask_about_every_training_sound_event(dataset: Path) -> None:
