@@ -71,10 +71,10 @@ class TrainConfig:
             raise ValueError("records_per_clip and length_buckets must be ≥ 1, encoder_layers ≥ 0")
         if self.encoder_from_step < 0 or (self.encoder_from_step and not self.encoder_layers):
             raise ValueError("encoder_from_step needs encoder_layers > 0 (it delays their training) and must be ≥ 0")
-        if self.encoder_until_step and (not self.encoder_layers or self.encoder_until_step <= self.encoder_from_step):
-            raise ValueError("encoder_until_step needs encoder_layers > 0 and must come after encoder_from_step")
         if self.encoder_until_step < 0:
             raise ValueError("encoder_until_step must be ≥ 0 (0: the encoder trains to the end)")
+        if self.encoder_until_step and (not self.encoder_layers or self.encoder_until_step <= self.encoder_from_step):
+            raise ValueError("encoder_until_step needs encoder_layers > 0 and must come after encoder_from_step")
         if self.batch_size % self.records_per_clip:  # else SFT batches would silently shrink
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of records_per_clip "
                              f"{self.records_per_clip}")

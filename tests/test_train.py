@@ -260,6 +260,8 @@ def test_sampler_groups_records_by_clip_and_by_length_deterministically() -> Non
         TrainConfig(encoder_until_step=100)
     with pytest.raises(ValueError, match="must come after encoder_from_step"):
         TrainConfig(encoder_layers=2, encoder_from_step=100, encoder_until_step=50)
+    with pytest.raises(ValueError, match="encoder_until_step must be ≥ 0"):
+        TrainConfig(encoder_layers=2, encoder_until_step=-1)
 
 
 def test_refreshing_the_encoder_cache_stores_what_the_trained_blocks_compute_now() -> None:
