@@ -192,14 +192,16 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert "resuming: stage sft step 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("encoder_from_step", "encoder_until_step"), [(0, 0), (3, 0), (0, 2)])
+@pytest.mark.parametrize(("encoder_from_step", "encoder_until_step", "grad_clip"),
+                         [(0, 0, "global"), (3, 0, "global"), (0, 2, "global"), (0, 2, "group")])
 def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Path, tmp_path: Path, capsys,
                                                                     encoder_from_step: int,
-                                                                    encoder_until_step: int) -> None:
+                                                                    encoder_until_step: int, grad_clip: str) -> None:
     """--encoder-layers 1: the last Whisper block and ln_post learn in SFT (from a cached hidden state); the blocks
     before it stay the real Whisper weights, and the exported checkpoint carries the trained ones. With
     --encoder-from-step 3 the 3 SFT steps all come before it: the encoder stays Whisper's. With --encoder-until-step
-    2 it trains in steps 0–1, then its outputs are re-cached once and step 2 reads them."""
+    2 it trains in steps 0–1, then its outputs are re-cached once and step 2 reads them. With --grad-clip group the
+    log has the encoder's own gradient norm while it trains (zero after)."""
     from model import load_model
     from model.whisper_ct2 import load_whisper_tiny_en_encoder
 
@@ -208,7 +210,8 @@ def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Pa
                  "--sft-steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
                  "--encoder-layers", "1", "--encoder-lr-scale", "1", "--records-per-clip", "2",
                  "--length-buckets", "2", "--encoder-from-step", str(encoder_from_step),
-                 "--encoder-until-step", str(encoder_until_step), "--export", str(tmp_path / "ckpt")]) == 0
+                 "--encoder-until-step", str(encoder_until_step), "--grad-clip", grad_clip,
+                 "--export", str(tmp_path / "ckpt")]) == 0
     whisper = load_whisper_tiny_en_encoder().state_dict()
     trained = torch.load(run / "resume.pt", weights_only=False)["model"]
     changed = {name.rsplit(".", 1)[0] for name in whisper
@@ -219,11 +222,44 @@ def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Pa
     sft_log = [json.loads(line) for line in open(run / "train_log.jsonl") if '"sft"' in line]
     expected = [encoder_from_step <= step < (encoder_until_step or 3) for step in range(3)]
     assert [row["encoder_trained"] for row in sft_log] == expected
+    assert all(row["grad_norm"] > 0 for row in sft_log)
+    if grad_clip == "group":
+        assert [row["encoder_grad_norm"] > 0 for row in sft_log] == expected
+    else:
+        assert not any("encoder_grad_norm" in row for row in sft_log)
     assert ("re-cached and fixed" in capsys.readouterr().out) == bool(encoder_until_step)
     assert (run / "encoder_hidden_trimmed_3.pt").is_file()
     exported = load_model(tmp_path / "ckpt").model.audio_encoder.state_dict()
     torch.testing.assert_close(exported["ln_post.weight"].float(), trained["audio_encoder.ln_post.weight"],
                                rtol=0, atol=1e-3)  # stored in float16
+
+
+def test_clip_gradients_per_group_keeps_each_groups_norm_independent_of_the_others() -> None:
+    """"global": one norm over everything, so a group with large gradients shrinks the others' steps; "group": each
+    group is clipped to norm 1 alone, so the small group's gradient is the same whether the large one is there."""
+    from model.train import clip_gradients
+
+    def two_groups() -> list[dict]:
+        small, large = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(9))
+        small.grad, large.grad = torch.full((4,), 1.5), torch.full((9,), 10.0)  # norms 3 and 30
+        return [{"params": [small]}, {"params": [large]}]
+
+    groups = two_groups()
+    norms = clip_gradients(groups, [p for g in groups for p in g["params"]], "global")
+    assert norms == {"grad_norm": pytest.approx((3**2 + 30**2) ** 0.5)}
+    small, large = (g["params"][0].grad for g in groups)
+    assert small.norm() == pytest.approx(3 / norms["grad_norm"], rel=1e-4)  # ≈ 0.1: shrunk by the large group
+    assert (small.norm() ** 2 + large.norm() ** 2).sqrt() == pytest.approx(1.0, rel=1e-4)
+
+    groups = two_groups()
+    norms = clip_gradients(groups, [p for g in groups for p in g["params"]], "group")
+    assert norms == {"grad_norm": pytest.approx(3.0), "encoder_grad_norm": pytest.approx(30.0)}
+    assert [g["params"][0].grad.norm().item() for g in groups] == [pytest.approx(1.0, rel=1e-4)] * 2
+    alone = two_groups()[:1]
+    clip_gradients(alone, alone[0]["params"], "group")
+    torch.testing.assert_close(alone[0]["params"][0].grad, groups[0]["params"][0].grad)
+    with pytest.raises(ValueError, match="grad_clip must be one of global, group"):
+        TrainConfig(grad_clip="layer")
 
 
 def fake_examples(clips: int, per_clip: int) -> list[Example]:
