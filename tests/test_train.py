@@ -175,12 +175,46 @@ def test_one_pass_caches_equal_the_two_separate_passes(dataset: Path, tmp_path: 
     assert all(torch.equal(again[c], outputs[c]) for c in clips)
 
 
+def test_ctc_sounds_spell_every_foreground_event_in_time_order(dataset: Path) -> None:
+    """--ctc-sounds: the CTC target spells sounds between the speech's words, one word per beep, click or note; the
+    background bed and silence are not spelled; without the flag the target is the transcript."""
+    from model.train import ctc_text
+
+    meta = {"events": [
+        {"kind": "noise", "color": "brown", "background": True, "start_s": 0.0, "end_s": 6.0},
+        {"kind": "beeps", "count": 3, "pitch_class": "high", "start_s": 0.1, "end_s": 1.0},
+        {"kind": "speech", "text": "we saw seven foxes", "start_s": 1.2, "end_s": 2.6},
+        {"kind": "silence", "start_s": 2.6, "end_s": 3.8},
+        {"kind": "chord", "name": "F minor", "quality": "minor", "notes": ["F4", "G#4", "C5"], "start_s": 3.8,
+         "end_s": 4.6},
+        {"kind": "melody", "notes": ["C5", "E5", "G4"], "start_s": 4.7, "end_s": 5.5},
+        {"kind": "speech", "text": "it was foggy", "start_s": 5.5, "end_s": 5.9},
+    ]}
+    assert ctc_text(meta) == "we saw seven foxes it was foggy"
+    assert ctc_text(meta, sounds=True) == ("high beep beep beep we saw seven foxes minor chord note note note "
+                                           "it was foggy")
+    assert ctc_text({"events": [{"kind": "silence", "start_s": 0.0, "end_s": 2.0}]}, sounds=True) == ""
+
+    setup = tiny_setup(dataset, "cache-trim.pt", window="trimmed")
+    plain, with_sounds = spoken_tokens(dataset, setup.tokenizer), spoken_tokens(dataset, setup.tokenizer, True)
+    assert plain.keys() == with_sounds.keys()
+    sounding = [c for c in plain if any(e["kind"] not in ("speech", "silence") and not e.get("background")
+                                        for e in metas(dataset)[c]["events"])]
+    assert sounding and all(len(with_sounds[c]) > len(plain[c]) for c in sounding)
+
+
+def metas(data_dir: Path) -> dict[str, dict]:
+    from model.data.synth import read_manifest
+
+    return {meta["audio"]: meta for meta in read_manifest(data_dir / "manifest.jsonl")}
+
+
 def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, capsys) -> None:
     from model import load_model
 
     args = ["--data", str(dataset), "--out", str(tmp_path / "run"), "--pretrain-steps", "2", "--align-steps", "2",
             "--sft-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
-            "--sound-questions", "1", "--sound-descriptions", "1"]
+            "--sound-questions", "1", "--sound-descriptions", "1", "--ctc-sounds", "1"]
     assert main([*args, "--export", str(tmp_path / "ckpt")]) == 0
     log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
     assert [row["stage"] for row in log] == ["pretrain"] * 2 + ["align"] * 2 + ["sft"] * 2
