@@ -57,7 +57,7 @@ class TrainConfig:
     loss_average: str = "token"  # "token": every answer token counts once; "example": every answer counts once
     sound_questions: int = 0  # 1: add a "what is heard from X s to Y s?" question per training sound event
     sound_descriptions: int = 0  # 1: add a "describe the sound from X s to Y s" record per training sound event
-    ctc_sounds: int = 0  # 1: the CTC targets also spell each sound event ("high beep beep", "pink noise"), in order
+    ctc_sounds: int = 0  # 1: the CTC targets also spell each sound event ("high beeps beeps", "pink noise"), in order
     encoder_layers: int = 0  # SFT also trains the encoder's last N blocks and ln_post (0: encoder frozen throughout)
     encoder_lr_scale: float = 0.1  # their learning rate, × lr (pre-trained weights: smaller steps)
     encoder_from_step: int = 0  # with encoder_layers: SFT steps before this one keep the encoder frozen (cheaper)
@@ -266,18 +266,21 @@ def text_example(text: str, tokenizer, ids: SpecialTokenIds) -> Example:
 
 
 def sound_words(event: dict[str, Any]) -> list[str]:
-    """A sound event in the caption's own words, one word per countable unit ("beep" × 3: CTC spells the count)."""
+    """A sound event in the caption's own words, one word per countable unit ("beeps" × 3: CTC spells the count).
+
+    The unit words are the captions' plurals because the corpus tokenizer has each as one token ("beep" is two, and
+    a 0.2 s note — 2.5 audio tokens — could not hold "note"'s three)."""
     kind = event["kind"]
     if kind in ("tone", "beeps"):
-        return [event["pitch_class"], *(["tone"] if kind == "tone" else ["beep"] * event["count"])]
+        return [event["pitch_class"], *(["tone"] if kind == "tone" else ["beeps"] * event["count"])]
     if kind == "clicks":
-        return ["click"] * event["count"]
+        return ["clicks"] * event["count"]
     if kind == "chirp":
         return [event["direction"], "chirp"]
     if kind == "noise":
         return [event["color"], "noise"]
     if kind == "melody":
-        return ["note"] * len(event["notes"])
+        return ["notes"] * len(event["notes"])
     if kind == "chord":
         return [event["quality"], "chord"]
     return []
@@ -285,7 +288,7 @@ def sound_words(event: dict[str, Any]) -> list[str]:
 
 def ctc_text(meta: dict[str, Any], sounds: bool = False) -> str:
     """What the CTC head must spell for a clip: its transcript, or with ``sounds`` every foreground event in time
-    order — the speech's words and each sound's ``sound_words``.
+    order — the speech's words and each sound's ``sound_words`` ("high beeps beeps we saw seven foxes").
 
     Why ``sounds`` (``--ctc-sounds``): with transcripts alone every non-speech token's CTC target is the blank, and
     the model's captions name a sound's kind for 2–12 % of held-out sounds, on training clips as badly (a chord

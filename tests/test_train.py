@@ -191,7 +191,7 @@ def test_ctc_sounds_spell_every_foreground_event_in_time_order(dataset: Path) ->
         {"kind": "speech", "text": "it was foggy", "start_s": 5.5, "end_s": 5.9},
     ]}
     assert ctc_text(meta) == "we saw seven foxes it was foggy"
-    assert ctc_text(meta, sounds=True) == ("high beep beep beep we saw seven foxes minor chord note note note "
+    assert ctc_text(meta, sounds=True) == ("high beeps beeps beeps we saw seven foxes minor chord notes notes notes "
                                            "it was foggy")
     assert ctc_text({"events": [{"kind": "silence", "start_s": 0.0, "end_s": 2.0}]}, sounds=True) == ""
 
