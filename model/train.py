@@ -61,6 +61,7 @@ class TrainConfig:
     encoder_layers: int = 0  # SFT also trains the encoder's last N blocks and ln_post (0: encoder frozen throughout)
     encoder_lr_scale: float = 0.1  # their learning rate, × lr (pre-trained weights: smaller steps)
     encoder_from_step: int = 0  # with encoder_layers: SFT steps before this one keep the encoder frozen (cheaper)
+    encoder_bf16: int = 0  # 1: the trained encoder blocks run under bfloat16 autocast (CPU; ≈ 1.5× faster)
     encoder_until_step: int = 0  # with encoder_layers: from this SFT step on, its outputs are re-cached, then fixed
     records_per_clip: int = 1  # k > 1: an SFT batch is batch_size / k clips with k records each (features run once)
     length_buckets: int = 1  # n > 1: batches drawn n at a time and grouped by length (less padding)
@@ -219,17 +220,21 @@ class Example:
 
 
 def encoder_tail_features(encoder, hidden: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
-                          blocks: int) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+                          blocks: int, bf16: bool = False) -> Callable[[list[str]], dict[str, torch.Tensor]]:
     """Clip names → their stacked encoder outputs, the blocks after ``blocks`` run now (with gradients) from the cached
-    hidden state ``hidden``; ``outputs`` (the frozen cache) gives each clip's token count.
+    hidden state ``hidden``; ``outputs`` (the frozen cache) gives each clip's token count. ``bf16``
+    (``--encoder-bf16``): the blocks' matrix products run under bfloat16 autocast (weights and their updates stay
+    float32), 1.55× faster forward + backward on this host's AVX512-BF16 CPU (measured in session 9 on 8 clips, one
+    thread) — the encoder blocks are ≈ 40 % of an SFT step, the cost that puts the recipe over its time budget.
 
     Why train encoder blocks at all: the paper's SFT trains everything, and a linear probe of the frozen Whisper
     tiny.en shows its last blocks discard what the questions ask about — held-out voice-pitch class is read from
     87 % of speech events after the first two blocks but 65 % from the output, accent 63 → 53 %.
     """
     def features(names: list[str]) -> dict[str, torch.Tensor]:
-        return {name: stack_frames(encoder_tail(encoder, hidden[name].float(), blocks), outputs[name].shape[0])
-                for name in dict.fromkeys(names)}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            tails = {name: encoder_tail(encoder, hidden[name].float(), blocks) for name in dict.fromkeys(names)}
+        return {name: stack_frames(tail.float(), outputs[name].shape[0]) for name, tail in tails.items()}
     return features
 
 
@@ -625,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         cache, hidden = cache_encoder_outputs_and_hidden(model.audio_encoder, args.data, clips, cache_path,
                                                          hidden_path, first_trained)
         cache = {name: cache[name] for name in clips}  # a shared cache file may hold more (re-caching does these)
-        sft_features = encoder_tail_features(model.audio_encoder, hidden, cache, first_trained)
+        sft_features = encoder_tail_features(model.audio_encoder, hidden, cache, first_trained,
+                                             bool(cfg.encoder_bf16))
         encoder_params = [*model.audio_encoder.blocks[first_trained:].parameters(),
                           *model.audio_encoder.ln_post.parameters()]
     spoken = spoken_tokens(args.data, tokenizer, bool(cfg.ctc_sounds))
