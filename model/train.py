@@ -61,7 +61,7 @@ class TrainConfig:
     encoder_layers: int = 0  # SFT also trains the encoder's last N blocks and ln_post (0: encoder frozen throughout)
     encoder_lr_scale: float = 0.1  # their learning rate, × lr (pre-trained weights: smaller steps)
     encoder_from_step: int = 0  # with encoder_layers: SFT steps before this one keep the encoder frozen (cheaper)
-    encoder_bf16: int = 0  # 1: the trained encoder blocks run under bfloat16 autocast (CPU; ≈ 1.5× faster)
+    encoder_bf16: int = 0  # 1: the trained encoder blocks run under bfloat16 autocast (CPU; blocks ≈ 1.5× faster)
     encoder_until_step: int = 0  # with encoder_layers: from this SFT step on, its outputs are re-cached, then fixed
     records_per_clip: int = 1  # k > 1: an SFT batch is batch_size / k clips with k records each (features run once)
     length_buckets: int = 1  # n > 1: batches drawn n at a time and grouped by length (less padding)
@@ -225,7 +225,9 @@ def encoder_tail_features(encoder, hidden: dict[str, torch.Tensor], outputs: dic
     hidden state ``hidden``; ``outputs`` (the frozen cache) gives each clip's token count. ``bf16``
     (``--encoder-bf16``): the blocks' matrix products run under bfloat16 autocast (weights and their updates stay
     float32), 1.55× faster forward + backward on this host's AVX512-BF16 CPU (measured in session 9 on 8 clips, one
-    thread) — the encoder blocks are ≈ 40 % of an SFT step, the cost that puts the recipe over its time budget.
+    thread) — the encoder blocks are ≈ 40 % of an SFT step, the cost that puts the recipe over its time budget. In
+    session 9's run a whole SFT step took 0.56–0.58 s over the first 1 000 steps against 0.70–0.72 s in float32 the
+    same day (another run), but 0.65–0.78 s later on: the saving is real, its size on a shared host is not settled.
 
     Why train encoder blocks at all: the paper's SFT trains everything, and a linear probe of the frozen Whisper
     tiny.en shows its last blocks discard what the questions ask about — held-out voice-pitch class is read from
