@@ -473,7 +473,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def clip_gradients(param_groups: list[dict], params: list, mode: str) -> dict[str, float]:
     """Clips gradients to norm 1 and returns the norms before clipping, for the log.
 
-    "global" clips one norm over every parameter. "group" clips each param group alone. Why it exists (model card,
+    "global" clips one norm over every parameter. "group" clips each param group alone (a second group is SFT's
+    encoder blocks, logged as ``encoder_grad_norm``). Why it exists (model card,
     session 8): the trained encoder blocks' gradient norm is 18–30 against 2–4 for the rest, so a global clip scales
     the adapter's and backbone's gradients by ≈ 10× less than their own norm would — and by ≈ 8× more at once when
     the encoder stops training (``encoder_until_step``), a jump AdamW's second moments take hundreds of steps to
