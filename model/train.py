@@ -51,6 +51,7 @@ class TrainConfig:
     pretrain_steps: int = 300
     align_steps: int = 300
     sft_steps: int = 1500
+    sft_decay_steps: int = 0  # > 0: SFT's cosine reaches its floor (0.1 × lr) at this step and holds it (0: at the end)
     asr_weight: int = 2
     ctc_weight: float = 0.5
     trait_weight: float = 0.0
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ValueError("records_per_clip and length_buckets must be ≥ 1, encoder_layers ≥ 0")
         if self.encoder_from_step < 0 or (self.encoder_from_step and not self.encoder_layers):
             raise ValueError("encoder_from_step needs encoder_layers > 0 (it delays their training) and must be ≥ 0")
+        if self.sft_decay_steps < 0:
+            raise ValueError("sft_decay_steps must be ≥ 0 (0: SFT's cosine ends with SFT)")
         if self.encoder_until_step < 0:
             raise ValueError("encoder_until_step must be ≥ 0 (0: the encoder trains to the end)")
         if self.encoder_until_step and (not self.encoder_layers or self.encoder_until_step <= self.encoder_from_step):
@@ -464,9 +467,10 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then a cosine from ``lr`` down to 0.1 × ``lr`` at step ``total``, held after it."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -503,9 +507,10 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
     progress = tqdm(range(start, total), desc=name, unit="step", initial=start, total=total)
     model.train()
     until = cfg.encoder_until_step or total
+    decay = min(total, cfg.sft_decay_steps or total) if name == "sft" else total  # where the cosine reaches its floor
     for step in progress:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)  # states saved before it: 1
+            group["lr"] = lr_at(step, decay, cfg) * group.get("lr_scale", 1.0)  # states saved before it: 1
         batch = batches(step)
         if audio_features is not None and step >= until:
             print(f"\nSFT step {step}: the encoder's outputs are re-cached and fixed from here on", flush=True)
@@ -522,7 +527,7 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
         stats.update(clip_gradients(param_groups, params, cfg.grad_clip))
         optimizer.step()
         progress.set_postfix(loss=f"{stats['lm_loss']:.3f}")
-        log.write(json.dumps({"stage": name, "step": step, "lr": lr_at(step, total, cfg), **stats}) + "\n")
+        log.write(json.dumps({"stage": name, "step": step, "lr": lr_at(step, decay, cfg), **stats}) + "\n")
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()}, ctc,
                        traits)

@@ -226,6 +226,20 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert "resuming: stage sft step 2" in capsys.readouterr().out
 
 
+def test_sft_decay_steps_reach_the_floor_early_and_hold_it(dataset: Path, tmp_path: Path) -> None:
+    args = ["--data", str(dataset), "--out", str(tmp_path / "run"), "--pretrain-steps", "3", "--align-steps", "2",
+            "--sft-steps", "5", "--sft-decay-steps", "3", "--batch-size", "4", "--warmup-steps", "1",
+            "--vocab-size", "400"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+    lr = TrainConfig().lr
+    sft = [row["lr"] for row in log if row["stage"] == "sft"]
+    # warm-up, the cosine's start, its middle, then the floor from step 3 on, held to the end
+    assert sft == pytest.approx([lr, lr, 0.55 * lr, 0.1 * lr, 0.1 * lr])
+    # other stages keep their own cosine, which ends with them
+    assert [row["lr"] for row in log if row["stage"] == "pretrain"] == pytest.approx([lr, lr, 0.55 * lr])
+
+
 @pytest.mark.parametrize(("encoder_from_step", "encoder_until_step", "grad_clip"),
                          [(0, 0, "global"), (3, 0, "global"), (0, 2, "global"), (0, 2, "group")])
 def test_sft_with_encoder_layers_trains_only_the_last_encoder_blocks(dataset: Path, tmp_path: Path, capsys,
