@@ -429,10 +429,18 @@ def explode(token: int) -> None:
 
 def submit_held(model, messages, max_new_tokens: int, release: threading.Event):
     """Submit a request whose first token blocks the batcher's loop until ``release`` is set (so others can be
-    queued while it is known to be running); returns the request and the thread waiting for it."""
-    request = batch_request(model, messages, max_new_tokens, on_token=lambda token: release.wait(30))
+    queued while it is known to be running); returns, once it is running, the request and the thread waiting for it.
+    (Returning before its first token let a test queue others while the held request itself was still pending.)"""
+    running = threading.Event()
+
+    def hold(token: int) -> None:
+        running.set()
+        release.wait(30)
+
+    request = batch_request(model, messages, max_new_tokens, on_token=hold)
     runner = threading.Thread(target=model.batcher.run, args=(request,))
     runner.start()
+    assert running.wait(30), "the held request did not start within 30 s"
     return request, runner
 
 
