@@ -254,9 +254,9 @@ def refresh_encoder_cache(cache: dict[str, torch.Tensor], features: Callable[[li
     (model card, sessions 8–9): with one gradient-norm clip over all parameters, where the encoder's gradients
     dominate the norm, the switch made every other step ≈ 8× larger at once (a loss spike); with ``--grad-clip
     group`` there is no spike, but held-out WER was as bad (19.8 %). An uninterrupted 5 000-step run with the
-    encoder trained to the end (and ``--ctc-sounds``, ``--encoder-bf16``) also reached only 20.0 %, so the shipped
-    checkpoint's 9.7 % (4 000 steps, then a 1 000-step extension) owes more to that schedule than to the encoder's
-    late training; whether this switch costs ASR on that schedule is not measured.
+    encoder trained to the end (and ``--ctc-sounds``, ``--encoder-bf16``) also reached only 20.0 %, and so did
+    those flags on the shipped checkpoint's own schedule (17.7 %, session 10): ASR varies more between runs than this
+    switch has been shown to cost, so its price is not measured.
     """
     names = list(cache)
     for start in tqdm(range(0, len(names), batch), desc="re-caching encoder outputs", unit="batch", mininterval=5):
@@ -509,8 +509,9 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
     until = cfg.encoder_until_step or total
     decay = min(total, cfg.sft_decay_steps or total) if name == "sft" else total  # where the cosine reaches its floor
     for step in progress:
+        lr = lr_at(step, decay, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, decay, cfg) * group.get("lr_scale", 1.0)  # states saved before it: 1
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # states saved before it: 1
         batch = batches(step)
         if audio_features is not None and step >= until:
             print(f"\nSFT step {step}: the encoder's outputs are re-cached and fixed from here on", flush=True)
@@ -527,7 +528,7 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
         stats.update(clip_gradients(param_groups, params, cfg.grad_clip))
         optimizer.step()
         progress.set_postfix(loss=f"{stats['lm_loss']:.3f}")
-        log.write(json.dumps({"stage": name, "step": step, "lr": lr_at(step, decay, cfg), **stats}) + "\n")
+        log.write(json.dumps({"stage": name, "step": step, "lr": lr, **stats}) + "\n")
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()}, ctc,
                        traits)
