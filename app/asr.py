@@ -88,10 +88,11 @@ def transcribe_stream(
     """Yield the growing transcript chunk by chunk; closing the iterator (Stop) stops the running generation.
 
     ``system_prompt`` None → the official ASR prompt; edit it to pin a language (see ``asr_system_prompt``).
+    ``settings`` None → greedy, with the model's CTC re-ranking (``asr_ctc_beams``) when it has a CTC head.
     """
     system_prompt = user_text(system_prompt, "system prompt")
     samples = load_clip(audio, max_seconds=max_seconds, allow_silence=False)
-    settings = settings or GenerationSettings()
+    settings = settings or GenerationSettings(ctc_beams=model.asr_ctc_beams)
     system_prompt = system_prompt if system_prompt and system_prompt.strip() else asr_system_prompt()
     chunks = plan_chunks(len(samples) / SAMPLE_RATE, chunk_s)
     stats = RunStats(audio_s=len(samples) / SAMPLE_RATE, chunks=len(chunks))
@@ -109,9 +110,14 @@ def transcribe_stream(
     yield render(chunks, stats, done=True)
 
 
-def transcribe(model: EurekaAudio, audio: Any, system_prompt: str | None = None, max_new_tokens: int = 512) -> str:
-    """Whole transcript in one call (the ``/asr`` API endpoint): the last update of ``transcribe_stream``."""
-    updates = transcribe_stream(model, audio, system_prompt, GenerationSettings(max_new_tokens=max_new_tokens))
+def transcribe(model: EurekaAudio, audio: Any, system_prompt: str | None = None, max_new_tokens: int = 512,
+               ctc_beams: int | None = None) -> str:
+    """Whole transcript in one call (the ``/asr`` API endpoint): the last update of ``transcribe_stream``.
+
+    ``ctc_beams`` None → the model's default re-ranking (``asr_ctc_beams``); 0 → greedy."""
+    beams = model.asr_ctc_beams if ctc_beams is None else ctc_beams
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, ctc_beams=beams)
+    updates = transcribe_stream(model, audio, system_prompt, settings)
     return last_item(updates, None).transcript
 
 
@@ -134,6 +140,12 @@ def build_tab(ctx: AppContext, examples: list[list[Any]], example_labels: list[s
                 max_new_tokens = gr.Slider(16, 1024, value=512, step=16, label="Max new tokens per chunk")
             system_prompt = gr.Textbox(value=asr_system_prompt(), label="System prompt (editable)", lines=2,
                                        elem_id="asr-system-prompt")
+            has_head = ctx.model.asr_ctc_beams > 0
+            ctc_beams = gr.Slider(
+                0, 8, value=ctx.model.asr_ctc_beams, step=1, label="CTC re-ranking beams (0 = greedy)",
+                info="Decode this many beams and keep the one the audio spells best (the model's CTC head)."
+                if has_head else "This model has no CTC head: greedy decoding.",
+                interactive=has_head, elem_id="asr-ctc-beams")
             with gr.Row():
                 run = gr.Button("Transcribe", variant="primary", elem_id="asr-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="asr-stop")
@@ -146,14 +158,14 @@ def build_tab(ctx: AppContext, examples: list[list[Any]], example_labels: list[s
     show_examples(examples, [audio, system_prompt], example_labels, "Example clips")
 
     @gpu(ctx.gpu_seconds)
-    def run_asr(audio_value: Any, prompt: str, tokens: float) -> Iterator[tuple[str, str, str]]:
-        settings = GenerationSettings(max_new_tokens=int(tokens))
+    def run_asr(audio_value: Any, prompt: str, tokens: float, beams: float) -> Iterator[tuple[str, str, str]]:
+        settings = GenerationSettings(max_new_tokens=int(tokens), ctc_beams=int(beams))
         for update in transcribe_stream(ctx.model, audio_value, prompt, settings):
             yield update.transcript, update.chunk_lines, update.stats
 
     language.change(language_prompt, language, system_prompt, queue=False, api_visibility="private")
     audio.change(remember_clip, [audio, ctx.last_clip], ctx.last_clip, queue=False, api_visibility="private")
-    event = run.click(run_asr, [audio, system_prompt, max_new_tokens], [transcript, chunk_lines, stats],
+    event = run.click(run_asr, [audio, system_prompt, max_new_tokens, ctc_beams], [transcript, chunk_lines, stats],
                       api_visibility="undocumented", **ctx.model_event())
     stop.click(None, cancels=[event], api_visibility="private")
     return {"audio": audio, "transcript": transcript, "chunks": chunk_lines, "stats": stats}

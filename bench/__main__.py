@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from model.ctc import RERANK_BEAMS
 from model.quantize import backbone_weight_bytes, quantize_int8
 
 from . import suites
@@ -28,10 +29,11 @@ from .measure import QUIET, Timer, load_bench_model, machine, memory_bandwidth, 
 from .report import markdown
 
 CONCURRENCY_CONFIGS = ("reference", "fast", "fast+batching", "fast+fixed-batches", "fast+batching+trim")
-PARTS = ("bandwidth", "decode", "compiled", "ttft", "cache", "concurrency", "trim", "int8", "quality", "profile")
+PARTS = ("bandwidth", "decode", "compiled", "ttft", "cache", "concurrency", "trim", "int8", "quality", "rerank",
+         "profile")
 DEFAULT_PARTS = {
     "official": ("bandwidth", "decode", "ttft", "cache", "trim", "int8", "profile"),
-    "mini": ("bandwidth", "decode", "compiled", "ttft", "cache", "concurrency", "trim", "int8", "quality"),
+    "mini": ("bandwidth", "decode", "compiled", "ttft", "cache", "concurrency", "trim", "int8", "quality", "rerank"),
 }
 
 
@@ -115,6 +117,11 @@ def run_model(name: str, args: argparse.Namespace, bandwidth: dict[str, Any] | N
          5.0 if not args.quick else 1.0, data, rounds=args.rounds)
     step("profile", lambda: {e: suites.profile_decode(model, e, 8, 10.0 if not args.quick else 2.0, data)
                              for e in ("reference", "fast")})
+    if "rerank" in parts:
+        if data is None:
+            out["rerank"] = {"skipped": "needs held-out speech with transcripts (--data)"}
+        else:
+            step("rerank", suites.asr_rerank, model, data, args.quality_limit, RERANK_BEAMS)
     trained = "quality" in parts and data is not None and note.startswith("Eureka-mini (trained")
     if trained:
         def quality() -> dict[str, Any]:

@@ -103,6 +103,16 @@ def _quality_table(quality: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _rerank_table(rerank: dict[str, Any]) -> list[str]:
+    if "skipped" in rerank:
+        return [f"ASR re-ranking: {rerank['skipped']}", ""]
+    lines = [f"**ASR: greedy vs beams re-ranked by the CTC head** ({rerank['utterances']} held-out utterances, each "
+             f"decoded both ways in turn; re-ranked / greedy time {rerank['time_ratio_vs_greedy']}×).", "",
+             "| decoding | s per utterance (mean) | WER |", "|---|---|---|"]
+    lines += [f"| {name} | {v['seconds']['mean']:.3f} | {v['wer']:.1%} |" for name, v in rerank["variants"].items()]
+    return lines + [""]
+
+
 def _drift(drift: dict[str, Any], title: str) -> list[str]:
     return [f"**{title}**: prefill logits max relative difference {drift['logits_max_rel_diff']}, greedy token "
             f"agreement {drift['greedy_token_agreement']}, tokens before the first difference "
@@ -155,6 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines += _concurrency_table(r["concurrency"])
         if "quality" in r:
             lines += _quality_table(r["quality"])
+        if "rerank" in r:
+            lines += _rerank_table(r["rerank"])
         if "profile" in r:
             lines += _profile(r["profile"])
     return "\n".join(lines) + "\n"

@@ -381,6 +381,38 @@ def evaluation(model: EurekaAudio, data_dir: Path, limit: int) -> dict[str, Any]
     return out
 
 
+def asr_rerank(model: EurekaAudio, data_dir: Path, limit: int, beams: int) -> dict[str, Any]:
+    """Held-out transcription decoded greedily (the default engine) and with ``beams`` beams re-ranked by the CTC
+    head, each utterance timed both ways in turn (which goes first alternates): seconds per utterance, the ratio of
+    their means, and each decoding's WER on the same utterances."""
+    import json
+
+    from model.evaluate import absolute, word_error_rate
+
+    if model.model.ctc_head is None:
+        return {"skipped": "the model has no CTC head"}
+    with open(data_dir / "records_test.jsonl", encoding="utf-8") as handle:
+        records = [r for r in map(json.loads, handle) if r["task"] == "asr"][:limit]
+    variants = {"greedy": 0, f"{beams} beams re-ranked": beams}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    texts: dict[str, list[str]] = {name: [] for name in variants}
+    for index, record in enumerate(records):
+        messages = absolute(record, data_dir)
+        order = list(variants) if index % 2 == 0 else list(reversed(variants))
+        for name in order:
+            wait_for_quiet()
+            with Timer() as timer:
+                texts[name].append(model.generate(messages, max_new_tokens=96, ctc_beams=variants[name]))
+            seconds[name].append(timer.seconds)
+    references = [r["target"] for r in records]
+    out: dict[str, Any] = {"utterances": len(records), "variants": {
+        name: {"seconds": summary(seconds[name]), "wer": round(word_error_rate(references, texts[name]), 4)}
+        for name in variants}}
+    greedy, reranked = (out["variants"][name]["seconds"]["mean"] for name in variants)
+    out["time_ratio_vs_greedy"] = _ratio(reranked, greedy)
+    return out
+
+
 def profile_decode(model: EurekaAudio, engine: str, steps: int = 16, clip_s: float = 10.0,
                    data_dir: Path | None = None, top: int = 15) -> list[dict[str, Any]]:
     """Where a decode's time goes: the top operators by self CPU time over ``steps`` tokens."""

@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--repetition-penalty", type=float, default=1.05)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--ctc-beams", type=int, help="--task asr: decode N beams and keep the one the model's CTC "
+                        "head scores best (default: 6 with a CTC head, as Eureka-mini has; 0 = greedy)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-audio-seconds", type=float, help="refuse longer audio (default 600)")
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_audio_seconds:
             model.config.max_audio_seconds = args.max_audio_seconds
         check_text_fits(model, [args.question, system_prompt], args.max_new_tokens)
+        if args.ctc_beams is not None:
+            settings["ctc_beams"] = args.ctc_beams
+        elif args.task == "asr" and args.temperature == 0:
+            settings["ctc_beams"] = model.asr_ctc_beams
         messages = task_messages(args.task, args.audio, args.question, system_prompt)
         if args.stream:
             for piece in model.stream(messages, **settings):

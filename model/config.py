@@ -64,6 +64,9 @@ class EurekaConfig:
     backbone: dict[str, Any] = field(default_factory=lambda: dict(QWEN3_1P7B))
     # Inputs longer than this are refused before decoding (seconds).
     max_audio_seconds: float = 600.0
+    # A CTC head over the adapter's outputs (hidden → vocabulary, blank = ``<|endoftext|>``): Eureka-mini's auxiliary
+    # training head, kept to re-rank transcription beams by how well the audio spells them (``model.ctc``).
+    ctc_head: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder_window not in ("full", "trimmed"):

@@ -86,10 +86,12 @@ def absolute(record: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
     return messages
 
 
-def generate_all(model: EurekaAudio, records: list[dict], data_dir: Path, batch_size: int, max_new_tokens: int):
+def generate_all(model: EurekaAudio, records: list[dict], data_dir: Path, batch_size: int, max_new_tokens: int,
+                 ctc_beams: int = 0) -> list[str]:
     outputs = []
     for batch in in_batches(records, batch_size):
-        outputs += model.generate([absolute(r, data_dir) for r in batch], max_new_tokens=max_new_tokens)
+        outputs += model.generate([absolute(r, data_dir) for r in batch], max_new_tokens=max_new_tokens,
+                                  ctc_beams=ctc_beams)
     return outputs
 
 
@@ -138,15 +140,20 @@ def routing_stats(model: EurekaAudio, metas: list[dict], data_dir: Path) -> dict
 
 
 def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int | None = None,
-             batch_size: int = 16, baseline: bool = True) -> dict[str, Any]:
-    """Every metric on the first ``limit`` clips of ``split`` (all clips when None)."""
+             batch_size: int = 16, baseline: bool = True, ctc_beams: int | None = None) -> dict[str, Any]:
+    """Every metric on the first ``limit`` clips of ``split`` (all clips when None).
+
+    ASR decodes as the app does: ``ctc_beams`` re-ranked beams (None: the model's default, ``asr_ctc_beams``); with
+    re-ranking on, greedy decoding's WER is reported beside it (``asr_wer_greedy``)."""
+    ctc_beams = model.asr_ctc_beams if ctc_beams is None else ctc_beams
     metas = [m for m in read_manifest(data_dir / "manifest.jsonl") if m["split"] == split][:limit]
     clip_ids = {m["id"] for m in metas}
     with open(data_dir / f"records_{split}.jsonl", encoding="utf-8") as handle:
         records = [r for r in map(json.loads, handle) if r["clip_id"] in clip_ids]
     by_task = {task: [r for r in records if r["task"] == task] for task in ("asr", "qa", "caption")}
     started = time.perf_counter()
-    asr_out = generate_all(model, by_task["asr"], data_dir, batch_size, 96)
+    asr_out = generate_all(model, by_task["asr"], data_dir, batch_size, 96, ctc_beams)
+    asr_greedy = generate_all(model, by_task["asr"], data_dir, batch_size, 96) if ctc_beams > 1 else asr_out
     qa_out = generate_all(model, by_task["qa"], data_dir, batch_size, 32)
     caption_out = generate_all(model, by_task["caption"], data_dir, batch_size, 256)
     metas_by_id = {m["id"]: m for m in metas}
@@ -169,6 +176,8 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
         "clips": len(metas),
         "asr_utterances": len(asr_out),
         "asr_wer": word_error_rate([r["target"] for r in by_task["asr"]], asr_out),
+        "asr_ctc_beams": ctc_beams,
+        "asr_wer_greedy": word_error_rate([r["target"] for r in by_task["asr"]], asr_greedy),
         "qa_questions": len(qa_out),
         "qa_accuracy": float(np.mean(qa_right)) if qa_right else 0.0,
         "qa_accuracy_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(qa_by_kind.items())},
@@ -207,8 +216,11 @@ def export_subset(data_dir: Path, out_dir: Path, split: str = "test", n_clips: i
 
 def markdown(report: dict[str, Any]) -> str:
     routing = report["routing"]
+    beams = report.get("asr_ctc_beams", 0)
     rows = [
-        ("ASR WER", f"{report['asr_wer']:.1%}", "≤ 10 %", f"{report['asr_utterances']} utterances"),
+        ("ASR WER", f"{report['asr_wer']:.1%}", "≤ 10 %", f"{report['asr_utterances']} utterances"
+         + (f", {beams} beams re-ranked by the CTC head" if beams > 1 else ", greedy")),
+        *([("ASR WER, greedy", f"{report['asr_wer_greedy']:.1%}", "–", "no re-ranking")] if beams > 1 else []),
         ("Whisper tiny.en WER (peer)", f"{report['whisper_tiny_en_wer']:.1%}" if "whisper_tiny_en_wer" in report
          else "–", "–", "same clips"),
         ("Multiple-choice accuracy", f"{report['qa_accuracy']:.1%}", "≥ 90 %", f"{report['qa_questions']} questions"),
@@ -240,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N clips of the split")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-baseline", action="store_true", help="skip Whisper tiny.en")
+    parser.add_argument("--ctc-beams", type=int, help="ASR: beams re-ranked by the CTC head (default: the model's "
+                        "own, 0 without a head; 0 = greedy)")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="writes report.json and report.md here")
     parser.add_argument("--export-subset", type=int, metavar="N",
                         help="instead of evaluating, copy the first N clips of the split to --out")
@@ -247,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_subset:
         print(export_subset(args.data, args.out, args.split, args.export_subset))
         return 0
-    report = evaluate(load_model(args.model), args.data, args.split, args.limit, args.batch_size, not args.no_baseline)
+    report = evaluate(load_model(args.model), args.data, args.split, args.limit, args.batch_size, not args.no_baseline,
+                      args.ctc_beams)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(markdown(report))

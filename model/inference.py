@@ -25,6 +25,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from .audio import FRAMES_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioFeatures, audio_features, chunk_log_mel
 from .batcher import Batcher, BatchRequest
 from .config import EurekaConfig
+from .ctc import CTC_WEIGHT, RERANK_BEAMS, ctc_log_likelihood, ctc_log_probs
 from .fast_decode import (
     GPU_COMPILE_OPTIONS,
     EncoderCache,
@@ -52,10 +53,17 @@ class GenerationSettings:
     top_k: int = 20
     repetition_penalty: float = 1.05
     seed: int | None = None
+    # Transcription only: decode this many beams and keep the one the model's CTC head finds the audio spells best
+    # (``model.ctc``; needs a checkpoint with a CTC head and greedy decoding). 0 or 1: off.
+    ctc_beams: int = 0
 
     def to_generation_config(self, ids: SpecialTokenIds) -> GenerationConfig:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if self.ctc_beams < 0:
+            raise ValueError("ctc_beams must be ≥ 0 (0: no re-ranking)")
+        if self.ctc_beams > 1 and self.temperature > 0:
+            raise ValueError("ctc_beams re-ranks beam-search hypotheses; it needs temperature 0 (greedy)")
         sampling = self.temperature > 0
         extra = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if sampling else {}
         return GenerationConfig(
@@ -169,6 +177,7 @@ class PreparedInputs:
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     traces: list[RoutingTrace | None]
+    audio_embeds: list[torch.Tensor | None] = field(default_factory=list)  # per row, what the CTC head reads
 
     def generate_kwargs(self) -> dict[str, torch.Tensor]:
         # input_ids ride along so the repetition penalty also sees the prompt, as in the official code.
@@ -223,6 +232,11 @@ class EurekaAudio:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.backbone.parameters()).dtype
+
+    @property
+    def asr_ctc_beams(self) -> int:
+        """Beams transcription re-ranks by default: ``RERANK_BEAMS`` with a CTC head, else 0 (greedy)."""
+        return RERANK_BEAMS if self.model.ctc_head is not None else 0
 
     def describe(self) -> dict[str, Any]:
         """Name, device, dtype and parameter counts, for headers and logs."""
@@ -303,7 +317,7 @@ class EurekaAudio:
 
     @torch.inference_mode()
     def _prepare(self, conversations: list[list[dict[str, Any]]]) -> PreparedInputs:
-        rows, row_ids, traces = [], [], []
+        rows, row_ids, traces, row_audio = [], [], [], []
         for messages in conversations:
             prompt, clips = self.tokenize(messages)
             input_ids = torch.tensor([prompt.input_ids], device=self.device)
@@ -314,7 +328,8 @@ class EurekaAudio:
             rows.append(self.model.embed(input_ids, audio_embeds, self.special_ids.audio_pad)[0])
             row_ids.append(input_ids[0])
             traces.append(trace)
-        return PreparedInputs(*stack_rows(rows, row_ids, self.special_ids.pad), traces)
+            row_audio.append(audio_embeds)
+        return PreparedInputs(*stack_rows(rows, row_ids, self.special_ids.pad), traces, row_audio)
 
     # --- generation -------------------------------------------------------------------------------------------
     def _settings(self, settings: GenerationSettings | None, overrides: dict[str, Any]) -> GenerationSettings:
@@ -324,11 +339,15 @@ class EurekaAudio:
             raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
         return GenerationSettings(**{**base.__dict__, **overrides})
 
-    def _decode(self, token_ids: torch.Tensor) -> str:
+    def _answer_ids(self, token_ids: torch.Tensor) -> list[int]:
+        """Generated ids up to the end of the answer (``<|im_end|>``), padding dropped."""
         ids = token_ids.tolist()
         if self.special_ids.im_end in ids:
             ids = ids[: ids.index(self.special_ids.im_end)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return [t for t in ids if t != self.special_ids.pad]
+
+    def _decode(self, token_ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(self._answer_ids(token_ids), skip_special_tokens=True)
 
     def _engine(self, engine: str | None) -> str:
         engine = engine or self.engine
@@ -390,6 +409,8 @@ class EurekaAudio:
         config = settings.to_generation_config(self.special_ids)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
+        if settings.ctc_beams > 1 and not ignore_eos:
+            return self._generate_reranked(prepared, config, settings.ctc_beams, streamer, cancel)
         if engine == "reference":
             if ignore_eos:
                 config.eos_token_id = None
@@ -408,6 +429,44 @@ class EurekaAudio:
             prepared.input_ids, prepared.inputs_embeds, prepared.attention_mask, config,
             streamer=streamer, on_step=hook, ignore_eos=ignore_eos,
         )
+
+    def _generate_reranked(self, prepared: PreparedInputs, config: GenerationConfig, beams: int, streamer: Any,
+                           cancel: threading.Event | None) -> torch.Tensor:
+        """Beam search on the backbone (transformers' ``generate``), then per row the hypothesis with the best
+        LM log-probability + ``CTC_WEIGHT`` × CTC log-likelihood of the row's audio (see ``model.ctc``)."""
+        head = self.model.ctc_head
+        if head is None:
+            raise ValueError(f"{self.name} has no CTC head, so it cannot re-rank beams (ctc_beams); use 0")
+        if any(audio is None for audio in prepared.audio_embeds):
+            raise ValueError("CTC re-ranking scores a transcription against its audio; a conversation has no audio")
+        config.num_beams = config.num_return_sequences = beams
+        config.output_scores = config.return_dict_in_generate = True
+        extra = {"stopping_criteria": StoppingCriteriaList([_CancelOnEvent(cancel)])} if cancel else {}
+        with torch.inference_mode():
+            output = self.model.backbone.generate(**prepared.generate_kwargs(), generation_config=config, **extra)
+            lm_scores = self.model.backbone.compute_transition_scores(
+                output.sequences, output.scores, output.beam_indices, normalize_logits=False).sum(-1)
+        prompt_length = prepared.input_ids.shape[1]
+        chosen = []
+        for row, audio in enumerate(prepared.audio_embeds):
+            first = row * beams
+            beam_ids = [self._answer_ids(output.sequences[first + i, prompt_length:]) for i in range(beams)]
+            # The CTC head was trained on transcripts as the tokenizer spells them, so it scores that spelling.
+            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in beam_ids]
+            spelled = [encode_plain_text(self.tokenizer, text) for text in texts]
+            with torch.inference_mode():
+                ctc_scores = ctc_log_likelihood(ctc_log_probs(head, audio).cpu(), spelled, self.special_ids.pad)
+            scores = lm_scores[first : first + beams].float().cpu() + CTC_WEIGHT * ctc_scores
+            chosen.append(beam_ids[int(scores.argmax())] + [self.special_ids.im_end])
+        if streamer is not None:  # one piece: the transcription is only known once every beam has finished
+            streamer.put(prepared.input_ids[:1].cpu())
+            streamer.put(torch.tensor(chosen[0][:-1], dtype=torch.long))
+            streamer.end()
+        width = max(len(tokens) for tokens in chosen)
+        new = torch.full((len(chosen), width), self.special_ids.pad, dtype=torch.long)
+        for row, tokens in enumerate(chosen):
+            new[row, : len(tokens)] = torch.tensor(tokens)
+        return torch.cat([prepared.input_ids, new.to(prepared.input_ids.device)], dim=1)
 
     def _generate_batched(self, prepared, settings, config, streamer, cancel, ignore_eos) -> torch.Tensor:
         keep = prepared.attention_mask[0].bool()
@@ -488,6 +547,12 @@ class EurekaAudio:
             worker.join()
         if errors:
             raise errors[0]
+
+    @torch.inference_mode()
+    def embed_audio(self, sources: list[Any]) -> torch.Tensor:
+        """Encoder + adapter only: the [tokens, hidden] embeddings the backbone reads for these clips, in order."""
+        audio_embeds, _ = self._audio_embeddings([self.features(source) for source in sources])
+        return audio_embeds
 
     @torch.inference_mode()
     def routing(self, sources: Any | list[Any]) -> RoutingTrace:

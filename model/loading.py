@@ -32,6 +32,9 @@ OFFICIAL_REPO = "cslys1999/Eureka-Audio-Instruct"
 MINI_DIR = Path(__file__).resolve().parent.parent / "assets" / "eureka-mini"
 ENCODER_PREFIX, ADAPTER_PREFIX, BACKBONE_PREFIX = "audio_encoder.speech_encoder.", "audio_moe_adaptor.", "backbone."
 PRETRAINING_ONLY = ("audio_embed.", "audio_head.", "audio_ffn_adaptor.", "audio_out_projection.", "lm_head.")
+# Buffers the model computes itself (openai-whisper's fixed sinusoidal table): not stored by ``save_pretrained``
+# (1.2 MB of Eureka-mini's 25 MB budget), and rebuilt, not read, when a checkpoint lacks them.
+COMPUTED_BUFFERS = ("audio_encoder.positional_embedding",)
 
 
 class ModelLoadError(RuntimeError):
@@ -77,6 +80,8 @@ def save_pretrained(model: EurekaAudio, directory: str | os.PathLike, dtype: tor
     # Tied embeddings share storage; safetensors stores each tensor once, the tie is rebuilt on load.
     if model.model.backbone.config.tie_word_embeddings:
         state.pop("backbone.lm_head.weight", None)
+    for name in COMPUTED_BUFFERS:
+        state.pop(name, None)
     save_file(state, directory / "model.safetensors", metadata={"format": "pt", "name": model.name})
     model.tokenizer.save_pretrained(directory)
 
@@ -86,6 +91,7 @@ def _load_state(model: EurekaAudioModel, state: dict[str, torch.Tensor], source:
     if model.backbone.config.tie_word_embeddings:
         model.backbone.tie_weights()
         missing = [k for k in missing if k != "backbone.lm_head.weight"]
+    missing = [k for k in missing if k not in COMPUTED_BUFFERS]  # built by the model's constructor
     if missing or unexpected:
         raise ModelLoadError(
             f"{source}: weights do not fit the model (missing {missing[:8]}, unexpected {unexpected[:8]})"

@@ -115,6 +115,9 @@ class EurekaAudioModel(nn.Module):
         )
         self.adapter = MoEAdapter(config)
         self.backbone = build_backbone(config.backbone)
+        # Optional (EurekaConfig.ctc_head): per audio token, which text token is being spoken there, or blank.
+        vocab_size = int(config.backbone["vocab_size"])
+        self.ctc_head = nn.Linear(config.hidden_size, vocab_size, bias=False) if config.ctc_head else None
 
     def keep_encoder_norms_float32(self) -> EurekaAudioModel:
         """openai-whisper's LayerNorm computes in float32 and CPU kernels refuse bf16 weights with fp32 inputs."""

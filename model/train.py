@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .audio import audio_features, chunk_log_mel
 from .config import EurekaConfig
+from .ctc import ctc_loss
 from .data.synth import ACCENTS, RATE_CLASSES, VOICE_PITCH_CLASSES, read_manifest
 from .data.tasks import foreground_events, sound_description_records, sound_kind_records, transcript
 from .fast_decode import encode_trimmed, encoder_tail
@@ -337,29 +338,6 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 # --- training ----------------------------------------------------------------------------------------------------
-class CTCHead(torch.nn.Module):
-    """Training-only auxiliary head: CTC over the adapter's outputs (blank = ``<|endoftext|>``).
-
-    Why: a backbone trained from scratch learns to read words out of 80 ms audio tokens slowly from the next-token
-    loss alone (it first learns the sentence templates and guesses the slot words). A CTC loss asks every adapter
-    output to say which word is being spoken there, so word identity is linearly present in the audio embeddings
-    from the alignment stage on, and decoding becomes copying. The head is not part of the shipped checkpoint.
-    """
-
-    def __init__(self, hidden_size: int, vocab_size: int, blank_id: int):
-        super().__init__()
-        self.blank_id = blank_id
-        self.proj = torch.nn.Linear(hidden_size, vocab_size, bias=False)
-
-    def forward(self, clips: list[torch.Tensor], targets: list[list[int]]) -> torch.Tensor:
-        """``clips``: each clip's adapter outputs [tokens, hidden]; ``targets``: each clip's spoken token ids."""
-        log_probs = torch.nn.utils.rnn.pad_sequence([self.proj(c) for c in clips]).float().log_softmax(-1)
-        flat_targets = torch.tensor([t for target in targets for t in target], dtype=torch.long)
-        return torch.nn.functional.ctc_loss(
-            log_probs, flat_targets, torch.tensor([c.shape[0] for c in clips]),
-            torch.tensor([len(t) for t in targets]), blank=self.blank_id, zero_infinity=True)
-
-
 # Speaker traits a question or caption asks about, with their classes (from the data generator's metadata).
 TRAITS: dict[str, tuple[str, ...]] = {
     "gender": ("female", "male", "other"),
@@ -433,10 +411,16 @@ def per_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
-              ctc: CTCHead | None = None, spoken: dict[str, list[int]] | None = None,
+              spoken: dict[str, list[int]] | None = None,
               ctc_weight: float = 0.0, traits: TraitHead | None = None, spans: dict | None = None,
               trait_weight: float = 0.0, loss_average: str = "token") -> tuple[torch.Tensor, dict]:
-    """Next-token loss on answers, plus λ·L_aux from the adapter, and the CTC and trait terms when they are on."""
+    """Next-token loss on answers, plus λ·L_aux from the adapter, and the CTC and trait terms when they are on.
+
+    The CTC term (``ctc_weight`` > 0, ``spoken`` transcripts): the model's CTC head must spell each clip's transcript
+    from its adapter outputs. Why: a backbone trained from scratch learns to read words out of 80 ms audio tokens
+    slowly from the next-token loss alone (it first learns the sentence templates and guesses the slot words); a CTC
+    loss asks every adapter output to say which word is spoken there, so word identity is linearly present in the
+    audio embeddings from the alignment stage on, and decoding becomes copying."""
     input_ids, labels, mask = collate(examples, ids.pad)
     audio_names = [a for e in examples for a in e.audio]
     audio_embeds, routing = None, None
@@ -455,10 +439,11 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
         return loss, stats
     per_clip = list(audio_embeds.split([cache[a].shape[0] for a in audio_names]))
     known = [i for i, a in enumerate(audio_names) if spoken and a in spoken]  # clips with a known transcript
-    if known and ctc is not None and ctc_weight > 0:
-        ctc_loss = ctc([per_clip[i] for i in known], [spoken[audio_names[i]] for i in known])
-        loss = loss + ctc_weight * ctc_loss
-        stats["ctc_loss"] = float(ctc_loss.detach())
+    if known and model.ctc_head is not None and ctc_weight > 0:
+        spelling_loss = ctc_loss(model.ctc_head, [per_clip[i] for i in known], [spoken[audio_names[i]] for i in known],
+                                 ids.pad)
+        loss = loss + ctc_weight * spelling_loss
+        stats["ctc_loss"] = float(spelling_loss.detach())
     if traits is not None and trait_weight > 0:
         if (traits_loss := trait_loss(traits, per_clip, audio_names, spans or {})) is not None:
             loss = loss + trait_weight * traits_loss
@@ -491,9 +476,9 @@ def clip_gradients(param_groups: list[dict], params: list, mode: str) -> dict[st
 
 
 def run_stage(name: str, model, param_groups: list[dict], batches, total: int, cache: dict, ids: SpecialTokenIds,
-              cfg: TrainConfig, out: Path, state: dict, ctc: CTCHead | None = None,
-              spoken: dict[str, list[int]] | None = None, traits: TraitHead | None = None,
-              spans: dict | None = None, audio_features: Callable[[list[str]], dict] | None = None) -> None:
+              cfg: TrainConfig, out: Path, state: dict, spoken: dict[str, list[int]] | None = None,
+              traits: TraitHead | None = None, spans: dict | None = None,
+              audio_features: Callable[[list[str]], dict] | None = None) -> None:
     """One stage: AdamW over ``param_groups`` (each ``{"params": [...], "lr_scale": s}``); resumes from ``state`` if
     it stopped inside this stage. ``audio_features``: computes a batch's audio inputs from step
     ``cfg.encoder_from_step`` on (before it, and without it, ``cache`` holds them) until ``cfg.encoder_until_step``,
@@ -519,7 +504,7 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
             audio_features = None
         trains_encoder = audio_features is not None and step >= cfg.encoder_from_step
         inputs = audio_features([a for e in batch for a in e.audio]) if trains_encoder else cache
-        loss, stats = step_loss(model, batch, inputs, ids, ctc, spoken, cfg.ctc_weight, traits, spans,
+        loss, stats = step_loss(model, batch, inputs, ids, spoken, cfg.ctc_weight, traits, spans,
                                 cfg.trait_weight, cfg.loss_average)
         if cfg.encoder_layers and name == "sft":
             stats["encoder_trained"] = trains_encoder
@@ -530,19 +515,17 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
         progress.set_postfix(loss=f"{stats['lm_loss']:.3f}")
         log.write(json.dumps({"stage": name, "step": step, "lr": lr, **stats}) + "\n")
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()}, ctc,
-                       traits)
+            save_state(out, model, {"stage": name, "step": step + 1, "optimizer": optimizer.state_dict()}, traits)
     log.close()
     model.eval()
-    save_state(out, model, {"stage": name, "step": total}, ctc, traits)
+    save_state(out, model, {"stage": name, "step": total}, traits)
 
 
 STAGES = ("pretrain", "align", "sft")
 
 
-def save_state(out: Path, model, state: dict, ctc: CTCHead | None = None, traits: TraitHead | None = None) -> None:
+def save_state(out: Path, model, state: dict, traits: TraitHead | None = None) -> None:
     state = {**state, "model": model.state_dict(), "torch_rng": torch.get_rng_state(),
-             "ctc": ctc.state_dict() if ctc is not None else None,
              "traits": traits.state_dict() if traits is not None else None}
     torch.save(state, out / "resume.pt.tmp")
     (out / "resume.pt.tmp").replace(out / "resume.pt")
@@ -620,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     from .whisper_ct2 import load_whisper_tiny_en_encoder
     model.audio_encoder.load_state_dict(load_whisper_tiny_en_encoder().state_dict())
     model.audio_encoder.requires_grad_(False)
+    if cfg.ctc_weight > 0:  # the CTC term's head, exported with the model (to re-rank transcriptions); initialised
+        # here, after the Whisper weights load, the order in which the model card's seeded runs drew it
+        model.config.ctc_head = True
+        model.ctc_head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=False)
     state = torch.load(args.out / "resume.pt", weights_only=False) if (args.out / "resume.pt").is_file() else {}
     if state:
         model.load_state_dict(state["model"])
@@ -649,9 +636,6 @@ def main(argv: list[str] | None = None) -> int:
         encoder_params = [*model.audio_encoder.blocks[first_trained:].parameters(),
                           *model.audio_encoder.ln_post.parameters()]
     spoken = spoken_tokens(args.data, tokenizer, bool(cfg.ctc_sounds))
-    ctc = CTCHead(model.config.hidden_size, len(tokenizer), ids.pad)
-    if state.get("ctc"):
-        ctc.load_state_dict(state["ctc"])
     spans = speech_spans(args.data)
     traits = TraitHead(model.config.hidden_size)
     if state.get("traits"):
@@ -662,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     # ASR is the hardest task for a model this small: it gets `asr_weight` times its share of SFT batches.
     asr_examples = [e for e, r in zip(audio_examples, records, strict=True) if r["task"] == "asr"]
     # Training-only heads join the optimiser only when their loss is on (a resumed optimiser state must match).
-    auxiliary = (list(ctc.parameters()) if cfg.ctc_weight > 0 else []) + \
+    auxiliary = (list(model.ctc_head.parameters()) if cfg.ctc_weight > 0 else []) + \
         (list(traits.parameters()) if cfg.trait_weight > 0 else [])
     def groups(params: list, encoder: list | None = None) -> list[dict]:
         return [{"params": params, "lr_scale": 1.0}] + \
@@ -688,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.requires_grad_(True)
         records_per_clip = cfg.records_per_clip if name == "sft" else 1  # where audio features are computed
         batches = sampler(examples, cfg.batch_size, cfg.seed, name, records_per_clip, cfg.length_buckets)
-        run_stage(name, model, param_groups, batches, steps, cache, ids, cfg, args.out, state, ctc, spoken, traits,
+        run_stage(name, model, param_groups, batches, steps, cache, ids, cfg, args.out, state, spoken, traits,
                   spans, sft_features if name == "sft" else None)
         state = {}
 

@@ -81,3 +81,20 @@ def test_bad_concurrency_options_are_refused_with_a_message(bad: list[str], caps
     with pytest.raises(SystemExit):
         main(["--models", "tiny-random", "--quick", "--parts", "concurrency", *bad])
     assert ("--rounds must be at least 1" if bad[0] == "--rounds" else "unknown turbo") in capsys.readouterr().err
+
+
+def test_rerank_benchmark_times_both_decodings_on_heldout_speech(tmp_path: Path) -> None:
+    """Eureka-mini on the bundled held-out subset: both decodings timed on the same utterances, WER beside time."""
+    from model.loading import MINI_DIR
+
+    assert main(["--models", "mini", "--quick", "--parts", "rerank", "--out", str(tmp_path),
+                 "--data", str(MINI_DIR / "heldout")]) == 0  # --quick: the first 2 utterances
+    rerank = json.loads((tmp_path / "bench.json").read_text())["models"]["mini"]["rerank"]
+    assert rerank["utterances"] == 2 and set(rerank["variants"]) == {"greedy", "6 beams re-ranked"}
+    assert all(len(v["seconds"]["runs"]) == 2 and 0 <= v["wer"] <= 1 for v in rerank["variants"].values())
+    assert rerank["time_ratio_vs_greedy"] > 0
+    assert "greedy vs beams re-ranked by the CTC head" in (tmp_path / "bench.md").read_text()
+    assert main(["--models", "tiny-random", "--quick", "--parts", "rerank", "--out", str(tmp_path / "tiny"),
+                 "--data", str(MINI_DIR / "heldout")]) == 0
+    tiny = json.loads((tmp_path / "tiny" / "bench.json").read_text())["models"]["tiny-random"]
+    assert tiny["rerank"] == {"skipped": "the model has no CTC head"}

@@ -44,6 +44,7 @@ def test_mini_transcribes_a_bundled_heldout_example_exactly(mini) -> None:
 def test_mini_meets_floors_on_the_fixed_heldout_subset(mini) -> None:
     report = evaluate(mini, Path(HELDOUT), split="test", baseline=False)
     assert report["asr_wer"] <= FLOORS["asr_wer_max"]
+    assert report["asr_ctc_beams"] > 1 and report["asr_wer"] <= report["asr_wer_greedy"]  # no worse than greedy here
     assert report["qa_accuracy"] >= FLOORS["qa_accuracy_min"]
     assert report["caption_fact_recall"] >= FLOORS["caption_fact_recall_min"]
     assert report["routing"]["speech_expert_share_of_nonspeech"] < FLOORS["speech_expert_share_of_nonspeech_max"]

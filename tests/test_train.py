@@ -17,7 +17,6 @@ from model.loading import build_model
 from model.prompts import SpecialTokenIds
 from model.train import (
     IGNORE,
-    CTCHead,
     Example,
     TrainConfig,
     TraitHead,
@@ -148,8 +147,8 @@ def test_ctc_term_trains_the_adapter_on_spoken_words(dataset: Path) -> None:
 
     spoken = spoken_tokens(dataset, setup.tokenizer)
     assert any(spoken[c] for c in setup.clips) and all(c in spoken for c in setup.clips)
-    ctc = CTCHead(setup.model.config.hidden_size, len(setup.tokenizer), setup.ids.pad)
-    ctc_losses = auxiliary_term_losses(setup, ctc, "ctc_loss", ctc=ctc, spoken=spoken, ctc_weight=1.0)
+    setup.model.ctc_head = torch.nn.Linear(setup.model.config.hidden_size, len(setup.tokenizer), bias=False)
+    ctc_losses = auxiliary_term_losses(setup, setup.model.ctc_head, "ctc_loss", spoken=spoken, ctc_weight=1.0)
     assert ctc_losses[-1] < ctc_losses[0]
 
 
@@ -220,6 +219,9 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     assert [row["stage"] for row in log] == ["pretrain"] * 2 + ["align"] * 2 + ["sft"] * 2
     model = load_model(tmp_path / "ckpt")
     assert model.config.n_routed_experts == 8 and model.config.top_k == 2
+    # the CTC head the CTC term trained ships with the checkpoint (for re-ranking transcriptions)
+    trained = torch.load(tmp_path / "run" / "resume.pt", weights_only=False)["model"]["ctc_head.weight"]
+    assert model.config.ctc_head and torch.equal(model.model.ctc_head.weight, trained.half().float())
     # a finished run resumes at its end: nothing is trained twice
     assert main(args) == 0
     assert len(open(tmp_path / "run" / "train_log.jsonl").readlines()) == 6
