@@ -37,7 +37,7 @@ def test_ctc_log_likelihood_sums_the_probability_of_every_alignment() -> None:
 
 
 def test_greedy_ctc_merges_repeats_and_drops_blanks() -> None:
-    frames = torch.tensor([0, 3, 3, 0, 3, 5, 5, 0]).tolist()
+    frames = [0, 3, 3, 0, 3, 5, 5, 0]
     log_probs = torch.nn.functional.one_hot(torch.tensor(frames), 6).float().log_softmax(-1)
     assert greedy_ctc(log_probs, blank_id=0) == [3, 3, 5]
 
