@@ -11,7 +11,8 @@ import torch
 from conftest import noise, tone
 
 from model import load_model, task_messages
-from model.ctc import ctc_log_likelihood, ctc_log_probs, fit_head, greedy_ctc
+from model.ctc import ctc_log_likelihood, ctc_log_probs, greedy_ctc
+from model.ctc_fit import fit_head
 from model.loading import MINI_DIR
 
 HELDOUT = MINI_DIR / "heldout"
