@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             model.config.max_audio_seconds = args.max_audio_seconds
         check_text_fits(model, [args.question, system_prompt], args.max_new_tokens)
         if args.ctc_beams is not None:
+            if args.ctc_beams > 1 and args.task != "asr":
+                raise ValueError("--ctc-beams re-ranks transcriptions: it applies to --task asr only")
             settings["ctc_beams"] = args.ctc_beams
         elif args.task == "asr" and args.temperature == 0:
             settings["ctc_beams"] = model.asr_ctc_beams

@@ -20,6 +20,7 @@ from torch import nn
 # log-likelihoods of competing beams differ by whole nats per wrong word, the backbone's by fractions.
 RERANK_BEAMS = 6
 CTC_WEIGHT = 1.0
+MAX_RERANK_BEAMS = 16  # each beam is a whole hypothesis decoded in parallel: memory and time grow with it
 
 
 def ctc_log_probs(head: nn.Linear, audio_embeds: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     model.encoder_cache = None  # thousands of clips, each seen once
     blank_id, vocab_size = model.special_ids.pad, int(model.config.backbone["vocab_size"])
+    if not (args.data / "manifest.jsonl").is_file():
+        raise SystemExit(f"{args.data} has no manifest.jsonl: give a dataset from `python -m model.data`")
     clips, targets, _ = spelled_clips(model, args.data, "train")
+    if not clips:
+        raise SystemExit(f"{args.data} has no training clips to fit a head on")
     head = fit_head(clips, targets, vocab_size, blank_id, args.steps, args.batch_size, args.lr, args.seed)
     val_clips, _, val_texts = spelled_clips(model, args.data, "val")
     wer = probe_wer(head, val_clips, val_texts, model.tokenizer, blank_id)

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from .audio import FRAMES_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioFeatures, audio_features, chunk_log_mel
 from .batcher import Batcher, BatchRequest
 from .config import EurekaConfig
-from .ctc import CTC_WEIGHT, RERANK_BEAMS, ctc_log_likelihood, ctc_log_probs
+from .ctc import CTC_WEIGHT, MAX_RERANK_BEAMS, RERANK_BEAMS, ctc_log_likelihood, ctc_log_probs
 from .fast_decode import (
     GPU_COMPILE_OPTIONS,
     EncoderCache,
@@ -60,8 +60,8 @@ class GenerationSettings:
     def to_generation_config(self, ids: SpecialTokenIds) -> GenerationConfig:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        if self.ctc_beams < 0:
-            raise ValueError("ctc_beams must be ≥ 0 (0: no re-ranking)")
+        if not 0 <= self.ctc_beams <= MAX_RERANK_BEAMS:
+            raise ValueError(f"ctc_beams must be between 0 (no re-ranking) and {MAX_RERANK_BEAMS}")
         if self.ctc_beams > 1 and self.temperature > 0:
             raise ValueError("ctc_beams re-ranks beam-search hypotheses; it needs temperature 0 (greedy)")
         sampling = self.temperature > 0
@@ -437,7 +437,8 @@ class EurekaAudio:
         head = self.model.ctc_head
         if head is None:
             raise ValueError(f"{self.name} has no CTC head, so it cannot re-rank beams (ctc_beams); use 0")
-        if any(audio is None for audio in prepared.audio_embeds):
+        rows = prepared.input_ids.shape[0]
+        if len(prepared.audio_embeds) != rows or any(audio is None for audio in prepared.audio_embeds):
             raise ValueError("CTC re-ranking scores a transcription against its audio; a conversation has no audio")
         config.num_beams = config.num_return_sequences = beams
         config.output_scores = config.return_dict_in_generate = True

@@ -132,8 +132,9 @@ def test_reranking_refuses_what_it_cannot_do(tiny) -> None:
     model = with_head()
     with pytest.raises(ValueError, match="temperature 0"):
         model.generate(messages, max_new_tokens=4, ctc_beams=3, temperature=0.7)
-    with pytest.raises(ValueError, match="ctc_beams must be"):
-        model.generate(messages, max_new_tokens=4, ctc_beams=-1)
+    for beams in (-1, 10_000):  # negative, or so many beams that memory would run out first
+        with pytest.raises(ValueError, match="ctc_beams must be between 0"):
+            model.generate(messages, max_new_tokens=4, ctc_beams=beams)
     with pytest.raises(ValueError, match="has no audio"):
         model.generate([{"role": "user", "content": "hello"}], max_new_tokens=4, ctc_beams=3)
     assert model.generate(messages, max_new_tokens=4, ctc_beams=1) == model.generate(messages, max_new_tokens=4)
@@ -196,3 +197,5 @@ def test_the_cli_reranks_asr_by_default_and_says_when_a_model_cannot(capsys) -> 
     assert capsys.readouterr().out.strip() != record["target"]
     assert cli_main(["--model", "tiny-random", "--audio", audio, "--ctc-beams", "3", "--max-new-tokens", "4"]) == 2
     assert "no CTC head" in capsys.readouterr().err
+    assert cli_main(["--model", "mini", "--audio", audio, "--task", "qa", "--ctc-beams", "3"]) == 2
+    assert "applies to --task asr only" in capsys.readouterr().err
