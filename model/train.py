@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ class TrainConfig:
     encoder_from_step: int = 0  # with encoder_layers: SFT steps before this one keep the encoder frozen (cheaper)
     encoder_bf16: int = 0  # 1: the trained encoder blocks run under bfloat16 autocast (CPU; blocks ≈ 1.5× faster)
     encoder_until_step: int = 0  # with encoder_layers: from this SFT step on, its outputs are re-cached, then fixed
+    qa_balance: float = 0.0  # a > 0: SFT draws a question of a kind with n training questions ∝ n ** -a (0: uniform)
     records_per_clip: int = 1  # k > 1: an SFT batch is batch_size / k clips with k records each (features run once)
     length_buckets: int = 1  # n > 1: batches drawn n at a time and grouped by length (less padding)
     grad_clip: str = "global"  # "global": one norm over all parameters; "group": each param group clipped alone
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError("records_per_clip and length_buckets must be ≥ 1, encoder_layers ≥ 0")
         if self.encoder_from_step < 0 or (self.encoder_from_step and not self.encoder_layers):
             raise ValueError("encoder_from_step needs encoder_layers > 0 (it delays their training) and must be ≥ 0")
+        if not 0.0 <= self.qa_balance <= 1.0:
+            raise ValueError("qa_balance must be in [0, 1] (0: every record alike; 1: every question kind alike)")
         if self.sft_decay_steps < 0:
             raise ValueError("sft_decay_steps must be ≥ 0 (0: SFT's cosine ends with SFT)")
         if self.encoder_until_step < 0:
@@ -531,15 +535,34 @@ def save_state(out: Path, model, state: dict, traits: TraitHead | None = None) -
     (out / "resume.pt.tmp").replace(out / "resume.pt")
 
 
+def question_kind_weights(records: list[dict], balance: float) -> list[float]:
+    """Each record's SFT sampling weight: a question of a kind with n training questions weighs ∝ n ** −balance.
+
+    Why: the synthetic data asks a few kinds thousands of times (is there speech, how long, how many speakers: all
+    right on held-out clips) and the pure-sound kinds (tone frequency, clicks, chords…) a few hundred times each —
+    the kinds the model gets wrong. The weights are scaled so the questions together weigh what they did (each
+    other record weighs 1): the task mix stays, only the questions' kinds are rebalanced.
+    """
+    kinds = [r.get("question_kind") if r.get("task") == "qa" else None for r in records]
+    counts = Counter(k for k in kinds if k is not None)
+    if not balance or not counts:
+        return [1.0] * len(records)
+    scale = sum(counts.values()) / sum(n ** (1 - balance) for n in counts.values())
+    return [1.0 if k is None else scale * counts[k] ** -balance for k in kinds]
+
+
 def sampler(items: list[Example], batch_size: int, seed: int, stage: str, records_per_clip: int = 1,
-            length_buckets: int = 1) -> Callable[[int], list[Example]]:
+            length_buckets: int = 1, weights: list[float] | None = None) -> Callable[[int], list[Example]]:
     """Deterministic batches by step, so a resumed run sees the same data as an uninterrupted one.
 
     ``records_per_clip`` k > 1: each record drawn brings k − 1 others about the same clip (drawn from ``items``, so
     the task mix stays the same), so a batch holds batch_size / k clips, whose audio features are computed once —
     what makes training encoder blocks affordable. ``length_buckets`` n > 1: n batches are drawn at once and grouped
     by length, so each pads to similar lengths (random batches of the synthetic records are ≈ 40 % padding).
+    ``weights`` (one per item): records are drawn in proportion to them, with replacement (None: uniformly, without).
     """
+    if weights is not None and len(weights) != len(items):
+        raise ValueError(f"{len(weights)} weights for {len(items)} records")
     by_clip: dict[str, list[Example]] = {}
     for item in items:
         if item.audio:
@@ -552,7 +575,8 @@ def sampler(items: list[Example], batch_size: int, seed: int, stage: str, record
 
     def batch(step: int) -> list[Example]:
         rng = random.Random(f"{seed}-{stage}-{step // length_buckets}")
-        anchors = rng.sample(items, min(groups_per_batch * length_buckets, len(items)))
+        count = min(groups_per_batch * length_buckets, len(items))
+        anchors = rng.sample(items, count) if weights is None else rng.choices(items, weights, k=count)
         if records_per_clip == 1 and length_buckets == 1:
             return anchors  # the original sampler, draw for draw
         groups = sorted((group(a, rng) for a in anchors), key=lambda g: max(len(e.input_ids) for e in g))
@@ -658,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         ("sft", groups([*model.adapter.parameters(), *auxiliary, *model.backbone.parameters()], encoder_params),
          audio_examples + asr_examples * (cfg.asr_weight - 1), cfg.sft_steps),
     ]
+    sft_weights = (question_kind_weights(records, cfg.qa_balance) + [1.0] * len(asr_examples) * (cfg.asr_weight - 1)
+                   if cfg.qa_balance else None)
     # A stage is finished when its saved step reached the steps asked for now, so a run can also be extended.
     done = 0
     if state:
@@ -671,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             for p in group["params"]:
                 p.requires_grad_(True)
         records_per_clip = cfg.records_per_clip if name == "sft" else 1  # where audio features are computed
-        batches = sampler(examples, cfg.batch_size, cfg.seed, name, records_per_clip, cfg.length_buckets)
+        batches = sampler(examples, cfg.batch_size, cfg.seed, name, records_per_clip, cfg.length_buckets,
+                          sft_weights if name == "sft" else None)
         run_stage(name, model, param_groups, batches, steps, cache, ids, cfg, args.out, state, spoken, traits,
                   spans, sft_features if name == "sft" else None)
         state = {}

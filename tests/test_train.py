@@ -26,6 +26,7 @@ from model.train import (
     main,
     make_example,
     per_answer_loss,
+    question_kind_weights,
     record_audio,
     sampler,
     speech_spans,
@@ -375,6 +376,28 @@ def test_sampler_groups_records_by_clip_and_by_length_deterministically() -> Non
         TrainConfig(encoder_layers=2, encoder_from_step=100, encoder_until_step=50)
     with pytest.raises(ValueError, match="encoder_until_step must be ≥ 0"):
         TrainConfig(encoder_layers=2, encoder_until_step=-1)
+
+
+def test_qa_balance_draws_rare_question_kinds_more_often_and_keeps_the_task_mix() -> None:
+    records = ([{"task": "qa", "question_kind": "duration"}] * 900
+               + [{"task": "qa", "question_kind": "tone_freq"}] * 100 + [{"task": "asr"}] * 500)
+    assert question_kind_weights(records, 0.0) == [1.0] * 1500
+    weights = question_kind_weights(records, 0.5)
+    assert weights[-500:] == [1.0] * 500  # what is not a question keeps its weight
+    assert sum(weights[:1000]) == pytest.approx(1000)  # the questions together weigh what they did
+    assert sum(weights[:900]) / sum(weights[900:1000]) == pytest.approx(3.0)  # 900:100 → √900:√100
+    assert sum(question_kind_weights(records, 1.0)[:900]) == pytest.approx(500)  # 1: every kind alike
+
+    items = [Example([0] * 10, [], [f"clip{i}.wav"]) for i in range(1500)]
+    draw = sampler(items, 8, 0, "sft", weights=weights)
+    assert draw(5) == sampler(items, 8, 0, "sft", weights=weights)(5)  # still by step only
+    drawn = [items.index(e) for step in range(400) for e in draw(step)]
+    rare = sum(900 <= i < 1000 for i in drawn) / len(drawn)
+    assert 0.11 < rare < 0.19  # expected 250 / 1500 ≈ 0.167; uniformly it would be 0.067
+    with pytest.raises(ValueError, match="3 weights for 1500 records"):
+        sampler(items, 8, 0, "sft", weights=[1.0] * 3)
+    with pytest.raises(ValueError, match="qa_balance must be in"):
+        TrainConfig(qa_balance=2.0)
 
 
 def test_refreshing_the_encoder_cache_stores_what_the_trained_blocks_compute_now() -> None:
