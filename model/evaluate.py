@@ -140,11 +140,14 @@ def routing_stats(model: EurekaAudio, metas: list[dict], data_dir: Path) -> dict
 
 
 def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int | None = None,
-             batch_size: int = 16, baseline: bool = True, ctc_beams: int | None = None) -> dict[str, Any]:
+             batch_size: int = 16, baseline: bool = True, ctc_beams: int | None = None,
+             mc_scoring: bool = False) -> dict[str, Any]:
     """Every metric on the first ``limit`` clips of ``split`` (all clips when None).
 
     ASR decodes as the app does: ``ctc_beams`` re-ranked beams (None: the model's default, ``asr_ctc_beams``); with
-    re-ranking on, greedy decoding's WER is reported beside it (``asr_wer_greedy``)."""
+    re-ranking on, greedy decoding's WER is reported beside it (``asr_wer_greedy``). ``mc_scoring``: each question
+    is also answered by the option whose reply the model finds likeliest (``score_replies``), reported beside the
+    generated answers' accuracy (``qa_accuracy_scored``)."""
     ctc_beams = model.asr_ctc_beams if ctc_beams is None else ctc_beams
     metas = [m for m in read_manifest(data_dir / "manifest.jsonl") if m["split"] == split][:limit]
     clip_ids = {m["id"] for m in metas}
@@ -170,6 +173,15 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     qa_by_kind: dict[str, list[bool]] = {}
     for record, right in zip(by_task["qa"], qa_right, strict=True):
         qa_by_kind.setdefault(record.get("question_kind", "?"), []).append(right)
+    scored_by_kind: dict[str, list[bool]] = {}
+    if mc_scoring:
+        for record in by_task["qa"]:
+            options = question_options(question_text(record))
+            scores = model.score_replies(absolute(record, data_dir),
+                                         [f"{key}. {text}" for key, text in options.items()])
+            best = list(options)[int(np.argmax(scores))]
+            scored_by_kind.setdefault(record.get("question_kind", "?"), []).append(
+                best == answer_letter(record["target"]))
     report: dict[str, Any] = {
         "model": model.name,
         "split": split,
@@ -181,6 +193,9 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
         "qa_questions": len(qa_out),
         "qa_accuracy": float(np.mean(qa_right)) if qa_right else 0.0,
         "qa_accuracy_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(qa_by_kind.items())},
+        **({"qa_accuracy_scored": float(np.mean(sum(scored_by_kind.values(), []))) if by_task["qa"] else 0.0,
+            "qa_accuracy_scored_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(scored_by_kind.items())}}
+           if mc_scoring else {}),
         "caption_fact_recall": found / max(1, total),
         "caption_fact_recall_by_kind": {k: {"recall": round(float(np.mean(v)), 4), "facts": len(v)}
                                         for k, v in sorted(recall_by_kind.items())},
@@ -224,6 +239,8 @@ def markdown(report: dict[str, Any]) -> str:
         ("Whisper tiny.en WER (peer)", f"{report['whisper_tiny_en_wer']:.1%}" if "whisper_tiny_en_wer" in report
          else "–", "–", "same clips"),
         ("Multiple-choice accuracy", f"{report['qa_accuracy']:.1%}", "≥ 90 %", f"{report['qa_questions']} questions"),
+        *([("Multiple-choice accuracy, options scored", f"{report['qa_accuracy_scored']:.1%}", "–",
+            "the option the model finds likeliest")] if "qa_accuracy_scored" in report else []),
         ("Caption fact recall", f"{report['caption_fact_recall']:.1%}", "≥ 80 %", "facts from metadata"),
         ("Speech expert's share of non-speech top-1", f"{routing['speech_expert_share_of_nonspeech']:.1%}", "< 20 %",
          f"expert {routing['speech_expert']}"),
@@ -234,10 +251,14 @@ def markdown(report: dict[str, Any]) -> str:
              "| metric | value | target | note |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     by_question = report.get("qa_accuracy_by_kind", {})
+    by_scored = report.get("qa_accuracy_scored_by_kind", {})
     by_fact = report.get("caption_fact_recall_by_kind", {})
     if by_question:
         lines += ["", "Multiple-choice accuracy by question kind: " + ", ".join(
             f"{kind} {accuracy:.0%}" for kind, accuracy in by_question.items()) + "."]
+    if by_scored:
+        lines += ["", "Multiple-choice accuracy by question kind, options scored: " + ", ".join(
+            f"{kind} {accuracy:.0%}" for kind, accuracy in by_scored.items()) + "."]
     if by_fact:
         lines += ["", "Caption fact recall by kind of fact (facts): " + ", ".join(
             f"{kind} {row['recall']:.0%} ({row['facts']})" for kind, row in by_fact.items()) + "."]
@@ -254,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip Whisper tiny.en")
     parser.add_argument("--ctc-beams", type=int, help="ASR: beams re-ranked by the CTC head (default: the model's "
                         "own, 0 without a head; 0 = greedy)")
+    parser.add_argument("--mc-scoring", action="store_true", help="also answer each multiple-choice question with "
+                        "the option the model finds likeliest, and report that accuracy beside the generated answers'")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="writes report.json and report.md here")
     parser.add_argument("--export-subset", type=int, metavar="N",
                         help="instead of evaluating, copy the first N clips of the split to --out")
@@ -262,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(export_subset(args.data, args.out, args.split, args.export_subset))
         return 0
     report = evaluate(load_model(args.model), args.data, args.split, args.limit, args.batch_size, not args.no_baseline,
-                      args.ctc_beams)
+                      args.ctc_beams, args.mc_scoring)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(markdown(report))

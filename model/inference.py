@@ -41,6 +41,7 @@ from .tokenizer import encode_plain_text
 
 TOKEN_SECONDS = SAMPLES_PER_TOKEN / SAMPLE_RATE
 ENGINES = ("fast", "compiled", "reference")
+MAX_SCORED_REPLIES = 16  # candidate replies scored in one batch (a multiple-choice question has 4)
 
 
 @dataclass
@@ -550,6 +551,32 @@ class EurekaAudio:
             raise errors[0]
 
     @torch.inference_mode()
+    @torch.inference_mode()
+    def score_replies(self, messages: list[dict[str, Any]], replies: list[str]) -> list[float]:
+        """The log-probability of each candidate assistant reply to ``messages``: its tokens and the end of turn,
+        teacher-forced after the prompt, summed.
+
+        Why: a multiple-choice question is best answered by the option the model finds likeliest, which is always one
+        of the options; a small model answering freely can name an option letter with text that was not offered
+        ("B. About 220 Hz" where B is "About 1 970 Hz")."""
+        if not replies or len(replies) > MAX_SCORED_REPLIES:
+            raise ValueError(f"score 1 to {MAX_SCORED_REPLIES} replies, not {len(replies)}")
+        prompt = self.prepare([messages]).inputs_embeds[0]  # one conversation: no padding
+        reply_ids = [encode_plain_text(self.tokenizer, reply) + [self.special_ids.im_end] for reply in replies]
+        width = max(len(ids) for ids in reply_ids)
+        targets = torch.full((len(replies), width), self.special_ids.pad, dtype=torch.long)
+        for row, ids in enumerate(reply_ids):
+            targets[row, : len(ids)] = torch.tensor(ids)
+        targets = targets.to(self.device)
+        reply_embeds = self.model.backbone.get_input_embeddings()(targets).to(prompt.dtype)
+        inputs_embeds = torch.cat([prompt.expand(len(replies), -1, -1), reply_embeds], dim=1)
+        # Right padding is harmless under causal attention: a reply's tokens never see the padding after them.
+        logits = self.model.backbone(inputs_embeds=inputs_embeds).logits[:, prompt.shape[0] - 1 : -1].float()
+        token_log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        lengths = torch.tensor([len(ids) for ids in reply_ids], device=self.device)
+        in_reply = torch.arange(width, device=self.device) < lengths.unsqueeze(1)
+        return (token_log_probs * in_reply).sum(dim=1).tolist()
+
     def embed_audio(self, sources: list[Any]) -> torch.Tensor:
         """Encoder + adapter only: the [tokens, hidden] embeddings the backbone reads for these clips, in order."""
         audio_embeds, _ = self._audio_embeddings([self.features(source) for source in sources])

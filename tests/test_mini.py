@@ -42,10 +42,12 @@ def test_mini_transcribes_a_bundled_heldout_example_exactly(mini) -> None:
 
 
 def test_mini_meets_floors_on_the_fixed_heldout_subset(mini) -> None:
-    report = evaluate(mini, Path(HELDOUT), split="test", baseline=False)
+    report = evaluate(mini, Path(HELDOUT), split="test", baseline=False, mc_scoring=True)
     assert report["asr_wer"] <= FLOORS["asr_wer_max"]
     assert report["asr_ctc_beams"] > 1 and report["asr_wer"] <= report["asr_wer_greedy"]  # no worse than greedy here
     assert report["qa_accuracy"] >= FLOORS["qa_accuracy_min"]
+    assert report["qa_accuracy_scored"] >= FLOORS["qa_accuracy_min"]  # answering by the likeliest option
+    assert set(report["qa_accuracy_scored_by_kind"]) == set(report["qa_accuracy_by_kind"])
     assert report["caption_fact_recall"] >= FLOORS["caption_fact_recall_min"]
     assert report["routing"]["speech_expert_share_of_nonspeech"] < FLOORS["speech_expert_share_of_nonspeech_max"]
     # recall by kind of fact re-adds to the overall recall (each fact counted once, under its first kind)
@@ -53,3 +55,30 @@ def test_mini_meets_floors_on_the_fixed_heldout_subset(mini) -> None:
     total = sum(row["facts"] for row in by_kind)
     assert sum(row["recall"] * row["facts"] for row in by_kind) / total == pytest.approx(
         report["caption_fact_recall"], abs=1e-3)
+
+
+def test_scoring_replies_sums_the_log_probabilities_generation_gives_them(mini) -> None:
+    """score_replies (teacher forcing, replies right-padded in one batch) against transformers' own greedy decoding
+    of the same prompt: the reply it generates scores the sum of its tokens' log-softmaxed raw logits."""
+    import torch
+
+    from model.evaluate import absolute, question_options, question_text
+
+    record = next(r for r in map(json.loads, open(HELDOUT / "records_test.jsonl")) if r["task"] == "qa")
+    messages = absolute(record, HELDOUT)
+    prepared = mini.prepare([messages])
+    with torch.inference_mode():
+        output = mini.model.backbone.generate(
+            **prepared.generate_kwargs(), max_new_tokens=48, do_sample=False, eos_token_id=mini.special_ids.im_end,
+            pad_token_id=mini.special_ids.pad, output_logits=True, return_dict_in_generate=True)
+    new_ids = output.sequences[0, prepared.input_ids.shape[1]:].tolist()
+    assert new_ids[-1] == mini.special_ids.im_end  # a whole reply, end of turn included
+    expected = sum(float(torch.log_softmax(logits[0].float(), -1)[token])
+                   for logits, token in zip(output.logits, new_ids, strict=True))
+    reply = mini.tokenizer.decode(new_ids[:-1], skip_special_tokens=True)
+    others = [f"{key}. {text}" for key, text in question_options(question_text(record)).items()]
+    scores = mini.score_replies(messages, [*others, reply])  # padded beside longer and shorter replies
+    assert scores[-1] == pytest.approx(expected, abs=1e-3)
+    assert mini.score_replies(messages, others[:1]) == pytest.approx(scores[:1], abs=1e-4)  # alone = in a batch
+    with pytest.raises(ValueError, match="score 1 to 16 replies"):
+        mini.score_replies(messages, [])
