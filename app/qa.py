@@ -18,6 +18,7 @@ import gradio as gr
 
 from model import GenerationSettings
 from model.audio import SAMPLE_RATE
+from model.evaluate import question_options
 from model.inference import EurekaAudio
 
 from .common import (
@@ -40,7 +41,8 @@ from .common import (
 OPTION_LETTERS = ("A", "B", "C", "D")
 MODES = ("Free question", "Multiple choice (A–D)")
 
-# {"turns": [{"clips": [path, …], "question": str, "answer": str | None, "seconds": audio of the turn's clips}]}
+# {"turns": [{"clips": [path, …], "question": str, "answer": str | None, "seconds": audio of the turn's clips,
+#             "score_options": answer by the likeliest option instead of generating}]}
 Session = dict[str, Any]
 
 # A conversation is one prompt: every turn's text and every clip's audio tokens are fed again with each question.
@@ -69,8 +71,9 @@ def session_clips(session: Session) -> list[str]:
     return [clip for turn in session["turns"] for clip in turn["clips"]]
 
 
-def add_turn(session: Session, clips: list[Any], question: str) -> Session:
+def add_turn(session: Session, clips: list[Any], question: str, score_options: bool = False) -> Session:
     """A new user turn. Clips not yet in the conversation are attached to it; the first turn must have one.
+    ``score_options``: the turn is a multiple-choice question answered by ``answer_by_scoring``.
 
     Each new clip is loaded once here, so a corrupt or silent file is reported before the model starts; questions,
     the conversation's text and its audio are bounded (a clear "press Clear" beats a server out of memory).
@@ -98,7 +101,10 @@ def add_turn(session: Session, clips: list[Any], question: str) -> Session:
     if session["turns"] and session["turns"][-1]["answer"] is None:
         raise gr.Error("The previous question has no answer yet: wait, press Regenerate, or Clear.")
     updated = copy.deepcopy(session)
-    updated["turns"].append({"clips": new_clips, "question": question, "answer": None, "seconds": new_seconds})
+    if score_options and len(question_options(question)) < 2:
+        raise gr.Error("Answering by the likeliest option needs a multiple-choice question (options A and B at least).")
+    updated["turns"].append({"clips": new_clips, "question": question, "answer": None, "seconds": new_seconds,
+                             "score_options": score_options})
     return updated
 
 
@@ -169,6 +175,29 @@ def answer_with_stats(
                     f"in {stats.elapsed_s:.2f} s ({stats.tokens_per_s:.1f} tokens/s)")
 
 
+def answer_by_scoring(model: EurekaAudio, session: Session, system_prompt: str | None = None) -> tuple[Session, str]:
+    """Answer the last turn, a multiple-choice question, with the option whose reply ("B. text") the model finds
+    likeliest, plus a status line with every option's log-probability.
+
+    Why: the answer is then always one of the options offered — a small model answering freely can pair a letter
+    with text that was never offered ("B. About 220 Hz") — and on Eureka-mini's held-out questions it is right more
+    often (87.3 % on both held-out splits, against 85.3 / 86.3 % generated; see the model card). It arrives whole.
+    """
+    if not session["turns"] or session["turns"][-1]["answer"] is not None:
+        raise gr.Error("Nothing to answer: ask a question first.")
+    options = question_options(session["turns"][-1]["question"])
+    if len(options) < 2:
+        raise gr.Error("Answering by the likeliest option needs a multiple-choice question (options A and B at least).")
+    replies = [f"{letter}. {text}" for letter, text in options.items()]
+    started = time.perf_counter()
+    scores = model.score_replies(conversation_messages(session, system_prompt), replies)
+    updated = copy.deepcopy(session)
+    updated["turns"][-1]["answer"] = replies[max(range(len(replies)), key=scores.__getitem__)]
+    ranking = ", ".join(f"{letter} {score:.2f}" for letter, score in zip(options, scores, strict=True))
+    return updated, (f"turn {len(updated['turns'])} answered by scoring {len(replies)} options in "
+                     f"{time.perf_counter() - started:.2f} s · log-probabilities: {ranking}")
+
+
 def drop_last_answer(session: Session) -> Session:
     """Regenerate: forget the last answer (the question and its clips stay)."""
     if not session["turns"]:
@@ -206,8 +235,13 @@ def build_tab(ctx: AppContext, examples: list[list[Any]], example_labels: list[s
             )
             question = gr.Textbox(label="Question", lines=2, placeholder="Ask about the clip…", elem_id="qa-question")
             mode = gr.Radio(list(MODES), value=MODES[0], label="Question type", elem_id="qa-mode")
-            with gr.Row(visible=False) as option_row:
-                options = [gr.Textbox(label=f"Option {letter}", lines=1, min_width=80) for letter in OPTION_LETTERS]
+            with gr.Column(visible=False) as option_row:
+                with gr.Row():
+                    options = [gr.Textbox(label=f"Option {letter}", lines=1, min_width=80,
+                                          elem_id=f"qa-option-{letter.lower()}") for letter in OPTION_LETTERS]
+                score_options = gr.Checkbox(
+                    value=True, elem_id="qa-score-options",
+                    label="Answer with the option the model finds likeliest (always one of them; not streamed)")
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="qa-send")
                 stop = gr.Button("Stop", variant="stop", elem_id="qa-stop")
@@ -224,13 +258,17 @@ def build_tab(ctx: AppContext, examples: list[list[Any]], example_labels: list[s
     show_examples(examples, [clip, question], example_labels, "Example clips and questions")
 
     def start_turn(state: Session, clip_value: Any, files: list[Any] | None, text: str, mode_value: str,
-                   *option_values: str) -> tuple[Session, list[dict[str, str]], str]:
+                   scored: bool, *option_values: str) -> tuple[Session, list[dict[str, str]], str]:
         full_question = format_question(text, mode_value, list(option_values))
-        state = add_turn(state, [clip_value, *(files or [])], full_question)
+        state = add_turn(state, [clip_value, *(files or [])], full_question, bool(scored) and mode_value == MODES[1])
         return state, chat_history(state), ""
 
     @gpu(ctx.gpu_seconds)
     def run_answer(state: Session, prompt: str, *control_values: float) -> Iterator[tuple[Session, list, str]]:
+        if state["turns"] and state["turns"][-1].get("score_options"):
+            updated, status_line = answer_by_scoring(ctx.model, state, prompt)
+            yield updated, chat_history(updated), status_line
+            return
         settings = sampling_settings(*control_values)
         for updated, status_line in answer_with_stats(ctx.model, state, settings, prompt):
             yield updated, chat_history(updated), status_line
@@ -243,13 +281,12 @@ def build_tab(ctx: AppContext, examples: list[list[Any]], example_labels: list[s
         return new_session(), [], "", ""
 
     private = {"api_visibility": "private"}
-    mode.change(lambda m: gr.Row(visible=m == MODES[1]), mode, option_row, queue=False, **private)
+    mode.change(lambda m: gr.Column(visible=m == MODES[1]), mode, option_row, queue=False, **private)
     clip.change(remember_clip, [clip, ctx.last_clip], ctx.last_clip, queue=False, **private)
     answer_inputs = [session, system_prompt, *controls]
-    asked = send.click(start_turn, [session, clip, more_clips, question, mode, *options], [session, chatbot, question],
-                       **private)
-    submitted = question.submit(start_turn, [session, clip, more_clips, question, mode, *options],
-                                [session, chatbot, question], **private)
+    turn_inputs = [session, clip, more_clips, question, mode, score_options, *options]
+    asked = send.click(start_turn, turn_inputs, [session, chatbot, question], **private)
+    submitted = question.submit(start_turn, turn_inputs, [session, chatbot, question], **private)
     answers = [
         trigger.success(run_answer, answer_inputs, [session, chatbot, status], **ctx.model_event(**private))
         for trigger in (asked, submitted)

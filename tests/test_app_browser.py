@@ -215,6 +215,17 @@ def test_qa_answers_and_renders_markup_as_text(page) -> None:
     expect(field(page, "qa-stats")).to_have_value(re.compile(r"^turn 2 answered.*tokens/s"), timeout=WAIT_MS)
     expect(bot).to_have_count(2)
     assert bot.nth(1).inner_text().strip(), "an answer appears"
+    # a multiple-choice turn, answered (by default) with the option the model finds likeliest
+    page.locator("#qa-mode label", has_text="Multiple choice").click()
+    page.fill("#qa-question textarea", "How many beeps are there?")
+    page.locator("#qa-option-a textarea, #qa-option-a input").fill("Two")
+    page.locator("#qa-option-b textarea, #qa-option-b input").fill("Three")
+    expect(page.locator("#qa-score-options input")).to_be_checked()
+    page.click("#qa-send")
+    expect(field(page, "qa-stats")).to_have_value(re.compile(r"^turn 3 answered by scoring 2 options"),
+                                                  timeout=WAIT_MS)
+    expect(bot).to_have_count(3)
+    assert bot.nth(2).inner_text().strip() in ("A. Two", "B. Three")
     screenshot(page, "qa")
 
 

@@ -82,3 +82,26 @@ def test_scoring_replies_sums_the_log_probabilities_generation_gives_them(mini) 
     assert mini.score_replies(messages, others[:1]) == pytest.approx(scores[:1], abs=1e-4)  # alone = in a batch
     with pytest.raises(ValueError, match="score 1 to 16 replies"):
         mini.score_replies(messages, [])
+
+
+def test_qa_tab_answers_a_multiple_choice_turn_with_the_likeliest_option(mini) -> None:
+    import gradio as gr
+
+    from app import qa
+    from model.evaluate import question_options, question_text
+
+    record = next(r for r in map(json.loads, open(HELDOUT / "records_test.jsonl"))
+                  if r.get("question_kind") == "gender")
+    clip = str(HELDOUT / record["messages"][-1]["content"][0]["audio_url"]["url"])
+    question = question_text(record)
+    session = qa.add_turn(qa.new_session(), [clip], question, score_options=True)
+    answered, status = qa.answer_by_scoring(mini, session, system_prompt="")
+    replies = [f"{letter}. {text}" for letter, text in question_options(question).items()]
+    scores = mini.score_replies(qa.conversation_messages(session), replies)
+    assert answered["turns"][-1]["answer"] == replies[scores.index(max(scores))] == record["target"]
+    assert session["turns"][-1]["answer"] is None  # the caller's session is not changed
+    assert "scoring 4 options" in status and f"A {scores[0]:.2f}" in status
+    with pytest.raises(gr.Error, match="Nothing to answer"):
+        qa.answer_by_scoring(mini, answered)
+    with pytest.raises(gr.Error, match="needs a multiple-choice question"):
+        qa.add_turn(qa.new_session(), [clip], "Who is speaking?", score_options=True)
