@@ -18,8 +18,8 @@ import gradio as gr
 
 from model import GenerationSettings
 from model.audio import SAMPLE_RATE
-from model.evaluate import question_options
 from model.inference import EurekaAudio
+from model.prompts import question_options
 
 from .common import (
     DEFAULT_MAX_SECONDS,

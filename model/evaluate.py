@@ -21,6 +21,7 @@ from .data.synth import read_manifest
 from .data.tasks import labelled_caption_facts
 from .inference import EurekaAudio
 from .loading import load_model
+from .prompts import question_options
 
 TARGETS = {"asr_wer": 0.10, "qa_accuracy": 0.90, "caption_fact_recall": 0.80, "speech_expert_share_of_nonspeech": 0.20}
 
@@ -49,11 +50,6 @@ def word_error_rate(references: Iterable[str], hypotheses: Iterable[str]) -> flo
 def answer_letter(text: str) -> str | None:
     match = re.match(r"\s*\(?([A-D])[.)\s:]", text + " ")
     return match.group(1) if match else None
-
-
-def question_options(question: str) -> dict[str, str]:
-    """{"A": option text, …} from a question laid out as "Q\nA. …\nB. …"."""
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^([A-D])\. (.*)$", question, flags=re.MULTILINE)}
 
 
 def chosen_option(question: str, output: str) -> str | None:

@@ -10,6 +10,7 @@ stays plain text and can never close a turn or open an audio slot.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ DEFAULT_QA_QUESTION = (
     "Based on the given audio, identify the source of the crowing.\nA. Rooster\nB. Dog\nC. Cat\nD. Cow"
 )
 TASKS = ("asr", "qa", "caption")
+MULTIPLE_CHOICE_OPTION = re.compile(r"^([A-D])\. (.*)$", flags=re.MULTILINE)
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>")
 THINK_TOKENS = ("<think>", "</think>")
@@ -169,3 +171,9 @@ def build_prompt(
         pending_text.append("\n\n")
     flush_text()
     return prompt
+
+
+def question_options(question: str) -> dict[str, str]:
+    """{"A": option text, …} from a multiple-choice question laid out as the model was trained on ("Q\nA. …\nB. …",
+    as DataFlux and the synthetic data write them)."""
+    return {m.group(1): m.group(2).strip() for m in MULTIPLE_CHOICE_OPTION.finditer(question)}
