@@ -551,14 +551,13 @@ class EurekaAudio:
             raise errors[0]
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def score_replies(self, messages: list[dict[str, Any]], replies: list[str]) -> list[float]:
         """The log-probability of each candidate assistant reply to ``messages``: its tokens and the end of turn,
         teacher-forced after the prompt, summed.
 
         Why: a multiple-choice question is best answered by the option the model finds likeliest, which is always one
         of the options; a small model answering freely can name an option letter with text that was not offered
-        ("B. About 220 Hz" where B is "About 1 970 Hz")."""
+        ("B. About 220 Hz" where B is "About 1970 Hz")."""
         if not replies or len(replies) > MAX_SCORED_REPLIES:
             raise ValueError(f"score 1 to {MAX_SCORED_REPLIES} replies, not {len(replies)}")
         prompt = self.prepare([messages]).inputs_embeds[0]  # one conversation: no padding
@@ -577,6 +576,7 @@ class EurekaAudio:
         in_reply = torch.arange(width, device=self.device) < lengths.unsqueeze(1)
         return (token_log_probs * in_reply).sum(dim=1).tolist()
 
+    @torch.inference_mode()
     def embed_audio(self, sources: list[Any]) -> torch.Tensor:
         """Encoder + adapter only: the [tokens, hidden] embeddings the backbone reads for these clips, in order."""
         audio_embeds, _ = self._audio_embeddings([self.features(source) for source in sources])
