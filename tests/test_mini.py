@@ -90,15 +90,14 @@ def test_qa_tab_answers_a_multiple_choice_turn_with_the_likeliest_option(mini) -
     from app import qa
     from model.evaluate import question_options, question_text
 
-    record = next(r for r in map(json.loads, open(HELDOUT / "records_test.jsonl"))
-                  if r.get("question_kind") == "gender")
+    record = next(r for r in map(json.loads, open(HELDOUT / "records_test.jsonl")) if r["task"] == "qa")
     clip = str(HELDOUT / record["messages"][-1]["content"][0]["audio_url"]["url"])
     question = question_text(record)
     session = qa.add_turn(qa.new_session(), [clip], question, score_options=True)
     answered, status = qa.answer_by_scoring(mini, session, system_prompt="")
     replies = [f"{letter}. {text}" for letter, text in question_options(question).items()]
     scores = mini.score_replies(qa.conversation_messages(session), replies)
-    assert answered["turns"][-1]["answer"] == replies[scores.index(max(scores))] == record["target"]
+    assert answered["turns"][-1]["answer"] == replies[scores.index(max(scores))]  # how often it is right: the floors
     assert session["turns"][-1]["answer"] is None  # the caller's session is not changed
     assert "scoring 4 options" in status and f"A {scores[0]:.2f}" in status
     with pytest.raises(gr.Error, match="Nothing to answer"):
