@@ -180,8 +180,8 @@ def answer_by_scoring(model: EurekaAudio, session: Session, system_prompt: str |
     likeliest, plus a status line with every option's log-probability.
 
     Why: the answer is then always one of the options offered — a small model answering freely can pair a letter
-    with text that was never offered ("B. About 220 Hz") — and on Eureka-mini's held-out questions it is right more
-    often (87.3 % on both held-out splits, against 85.3 / 86.3 % generated; see the model card). It arrives whole.
+    with text that was never offered ("B. About 220 Hz") — and on Eureka-mini's held-out questions it is right as
+    often or more often than generating (the model card has the numbers). It arrives whole.
     """
     if not session["turns"] or session["turns"][-1]["answer"] is not None:
         raise gr.Error("Nothing to answer: ask a question first.")
