@@ -100,9 +100,9 @@ def add_turn(session: Session, clips: list[Any], question: str, score_options: b
         raise gr.Error("No audio: add a clip (upload or record) before asking about it.")
     if session["turns"] and session["turns"][-1]["answer"] is None:
         raise gr.Error("The previous question has no answer yet: wait, press Regenerate, or Clear.")
-    updated = copy.deepcopy(session)
     if score_options and len(question_options(question)) < 2:
         raise gr.Error("Answering by the likeliest option needs a multiple-choice question (options A and B at least).")
+    updated = copy.deepcopy(session)
     updated["turns"].append({"clips": new_clips, "question": question, "answer": None, "seconds": new_seconds,
                              "score_options": score_options})
     return updated

@@ -563,6 +563,10 @@ class EurekaAudio:
         prompt = self.prepare([messages]).inputs_embeds[0]  # one conversation: no padding
         reply_ids = [encode_plain_text(self.tokenizer, reply) + [self.special_ids.im_end] for reply in replies]
         width = max(len(ids) for ids in reply_ids)
+        context = int(self.config.backbone.get("max_position_embeddings") or 0)
+        if context and prompt.shape[0] + width > context:
+            raise ValueError(f"the prompt and the longest reply are {prompt.shape[0] + width} tokens; the model's "
+                             f"context is {context} tokens. Shorten the replies, the text or the audio.")
         targets = torch.full((len(replies), width), self.special_ids.pad, dtype=torch.long)
         for row, ids in enumerate(reply_ids):
             targets[row, : len(ids)] = torch.tensor(ids)

@@ -82,6 +82,8 @@ def test_scoring_replies_sums_the_log_probabilities_generation_gives_them(mini) 
     assert mini.score_replies(messages, others[:1]) == pytest.approx(scores[:1], abs=1e-4)  # alone = in a batch
     with pytest.raises(ValueError, match="score 1 to 16 replies"):
         mini.score_replies(messages, [])
+    with pytest.raises(ValueError, match="the model's context is 2048 tokens"):
+        mini.score_replies(messages, ["A. " + "very " * 3000])
 
 
 def test_qa_tab_answers_a_multiple_choice_turn_with_the_likeliest_option(mini) -> None:
