@@ -67,7 +67,9 @@ class TrainConfig:
     encoder_bf16: int = 0  # 1: the trained encoder blocks run under bfloat16 autocast (CPU; blocks ≈ 1.5× faster)
     encoder_until_step: int = 0  # with encoder_layers: from this SFT step on, its outputs are re-cached, then fixed
     qa_balance: float = 0.0  # a > 0: SFT draws a question of a kind with n training questions ∝ n ** -a (0: uniform)
+    qa_balance_from_step: int = 0  # with qa_balance: SFT steps before this one draw questions uniformly
     records_per_clip: int = 1  # k > 1: an SFT batch is batch_size / k clips with k records each (features run once)
+    frozen_records_per_clip: int = 0  # with encoder_until_step: records_per_clip once the encoder is fixed (0: same)
     length_buckets: int = 1  # n > 1: batches drawn n at a time and grouped by length (less padding)
     grad_clip: str = "global"  # "global": one norm over all parameters; "group": each param group clipped alone
     save_every: int = 200
@@ -89,9 +91,14 @@ class TrainConfig:
             raise ValueError("encoder_until_step must be ≥ 0 (0: the encoder trains to the end)")
         if self.encoder_until_step and (not self.encoder_layers or self.encoder_until_step <= self.encoder_from_step):
             raise ValueError("encoder_until_step needs encoder_layers > 0 and must come after encoder_from_step")
-        if self.batch_size % self.records_per_clip:  # else SFT batches would silently shrink
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of records_per_clip "
-                             f"{self.records_per_clip}")
+        if self.qa_balance_from_step < 0 or (self.qa_balance_from_step and not self.qa_balance):
+            raise ValueError("qa_balance_from_step needs qa_balance > 0 (it delays the balance) and must be ≥ 0")
+        if self.frozen_records_per_clip < 0 or (self.frozen_records_per_clip and not self.encoder_until_step):
+            raise ValueError("frozen_records_per_clip needs encoder_until_step (it applies once the encoder is "
+                             "fixed) and must be ≥ 0")
+        for per_clip in (self.records_per_clip, self.frozen_records_per_clip or self.records_per_clip):
+            if self.batch_size % per_clip:  # else SFT batches would silently shrink
+                raise ValueError(f"batch_size {self.batch_size} is not a multiple of records_per_clip {per_clip}")
 
 
 def mini_config(vocab_size: int) -> EurekaConfig:
@@ -586,6 +593,29 @@ def sampler(items: list[Example], batch_size: int, seed: int, stage: str, record
     return batch
 
 
+def sft_sampler(items: list[Example], cfg: TrainConfig,
+                weights: list[float] | None = None) -> Callable[[int], list[Example]]:
+    """SFT's batches by step: ``cfg.records_per_clip`` records a clip while the encoder trains and
+    ``cfg.frozen_records_per_clip`` once ``cfg.encoder_until_step`` has fixed it; question kinds drawn by ``weights``
+    from ``cfg.qa_balance_from_step`` on (uniformly before it, and without weights).
+
+    Why switch: several records a clip only save the encoder blocks' work, which a fixed encoder no longer does, and
+    they cost distinct utterances a step (4 clips × 4 records never learnt to copy words: model card, session 5). The
+    balance mirrors the bundled checkpoint's recipe, whose last 1 000 steps alone drew every question kind alike.
+    """
+    draws: dict[tuple[int, bool], Callable[[int], list[Example]]] = {}
+
+    def batch(step: int) -> list[Example]:
+        fixed = bool(cfg.encoder_until_step) and step >= cfg.encoder_until_step
+        per_clip = (cfg.frozen_records_per_clip or cfg.records_per_clip) if fixed else cfg.records_per_clip
+        balanced = weights is not None and step >= cfg.qa_balance_from_step
+        if (per_clip, balanced) not in draws:
+            draws[per_clip, balanced] = sampler(items, cfg.batch_size, cfg.seed, "sft", per_clip, cfg.length_buckets,
+                                                weights if balanced else None)
+        return draws[per_clip, balanced](step)
+    return batch
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="dataset dir from `python -m model.data --records`")
@@ -696,9 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         for group in param_groups:
             for p in group["params"]:
                 p.requires_grad_(True)
-        records_per_clip = cfg.records_per_clip if name == "sft" else 1  # where audio features are computed
-        batches = sampler(examples, cfg.batch_size, cfg.seed, name, records_per_clip, cfg.length_buckets,
-                          sft_weights if name == "sft" else None)
+        batches = sft_sampler(examples, cfg, sft_weights) if name == "sft" else \
+            sampler(examples, cfg.batch_size, cfg.seed, name, 1, cfg.length_buckets)
         run_stage(name, model, param_groups, batches, steps, cache, ids, cfg, args.out, state, spoken, traits,
                   spans, sft_features if name == "sft" else None)
         state = {}

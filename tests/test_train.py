@@ -29,6 +29,7 @@ from model.train import (
     question_kind_weights,
     record_audio,
     sampler,
+    sft_sampler,
     speech_spans,
     spoken_tokens,
     step_loss,
@@ -469,3 +470,29 @@ def test_trait_term_reads_each_speech_event_and_trains(dataset: Path) -> None:
     traits = TraitHead(setup.model.config.hidden_size)
     trait_losses = auxiliary_term_losses(setup, traits, "trait_loss", traits=traits, spans=spans, trait_weight=1.0)
     assert trait_losses[-1] < trait_losses[0]
+
+
+def test_sft_sampler_switches_records_per_clip_and_balance_at_their_steps() -> None:
+    items = fake_examples(40, 5)
+    weights = [5.0 if i < 50 else 1.0 for i in range(len(items))]  # the first 10 clips' records drawn 5× as often
+    cfg = TrainConfig(batch_size=8, encoder_layers=2, encoder_until_step=10, records_per_clip=4,
+                      frozen_records_per_clip=1, qa_balance=1.0, qa_balance_from_step=20, length_buckets=4)
+    draw = sft_sampler(items, cfg, weights)
+    for step in range(10):  # the encoder trains: 2 clips × 4 records, drawn uniformly
+        assert draw(step) == sampler(items, 8, 0, "sft", 4, 4)(step)
+    for step in range(10, 20):  # fixed encoder: a record a clip, still uniform
+        assert draw(step) == sampler(items, 8, 0, "sft", 1, 4)(step)
+    clips = {e.audio[0] for step in range(10, 20) for e in draw(step)}  # 2 clips a step before: ≤ 20
+    assert len(clips) > 20 and all(len({e.audio[0] for e in draw(s)}) > 2 for s in range(10, 20))
+    for step in range(20, 30):  # then the weights
+        assert draw(step) == sampler(items, 8, 0, "sft", 1, 4, weights)(step)
+    assert draw(25) == sft_sampler(items, cfg, weights)(25)  # by step only: a resumed run sees the same batches
+    plain = TrainConfig(batch_size=8, records_per_clip=4, length_buckets=4)
+    assert sft_sampler(items, plain)(3) == sampler(items, 8, 0, "sft", 4, 4)(3)  # without the options: as before
+    with pytest.raises(ValueError, match="frozen_records_per_clip needs encoder_until_step"):
+        TrainConfig(frozen_records_per_clip=1)
+    with pytest.raises(ValueError, match="qa_balance_from_step needs qa_balance"):
+        TrainConfig(qa_balance_from_step=100)
+    with pytest.raises(ValueError, match="not a multiple of records_per_clip 3"):
+        TrainConfig(batch_size=8, encoder_layers=2, encoder_until_step=5, records_per_clip=4,
+                    frozen_records_per_clip=3)
