@@ -21,9 +21,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-# Refresh docs/screenshots/ (the README's pictures) from the browser tests.
+# Refresh docs/screenshots/ (the README's pictures) from the browser tests that take them, on Eureka-mini.
 screenshots: $(STAMP)
-	UPDATE_SCREENSHOTS=1 $(PY) -m pytest tests/test_app_browser.py tests/test_review_browser.py
+	UPDATE_SCREENSHOTS=1 EUREKA_BROWSER_MODEL=mini $(PY) -m pytest -m screenshot tests/test_app_browser.py \
+		tests/test_review_browser.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

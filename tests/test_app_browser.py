@@ -1,4 +1,5 @@
-"""End to end: the real app (``python app.py``, tiny-random) driven by Debian's Chromium through Playwright.
+"""End to end: the real app (``python app.py``, on tiny-random: see ``MODEL``) driven by Debian's Chromium
+through Playwright.
 
 Covers what only a browser shows: uploads and a microphone recording reaching the model, streamed text appearing,
 the chat rendering markup as text, plotly figures rendering, error toasts, and screenshots of every tab (written
@@ -44,6 +45,10 @@ CHROMIUM_FLAGS = [
     "--disable-component-update", "--disable-sync",
 ]
 WAIT_MS = 60_000
+# The app's model: tiny-random (fast, built in memory) for the test suite; ``make screenshots`` sets Eureka-mini, so
+# the README's pictures show real answers — only the tests marked ``screenshot`` run then (the others check
+# what tiny-random's random text does, e.g. that every chunk of a noise recording produces some).
+MODEL = os.environ.get("EUREKA_BROWSER_MODEL", "tiny-random")
 
 
 def free_port() -> int:
@@ -90,9 +95,10 @@ def serve(env_overrides: dict[str, str], log_path: Path, drop: tuple[str, ...] =
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The app on tiny-random, shared by the module's tests."""
+    """The app on ``MODEL`` (tiny-random unless ``$EUREKA_BROWSER_MODEL`` says otherwise), shared by the module's
+    tests."""
     log_path = tmp_path_factory.mktemp("app") / "app.log"
-    with serve({"EUREKA_MODEL": "tiny-random", "EUREKA_CONCURRENCY": "1"}, log_path) as url:
+    with serve({"EUREKA_MODEL": MODEL, "EUREKA_CONCURRENCY": "1"}, log_path) as url:
         yield url
 
 
@@ -148,6 +154,7 @@ def screenshot(page, name: str, full_page: bool = True) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
 
+@pytest.mark.screenshot
 def test_asr_upload_streams_a_transcript(page) -> None:
     upload(page, "asr-audio", EXAMPLES / "speech_fox.wav")
     page.click("#asr-run")
@@ -196,6 +203,7 @@ def test_asr_stop_cancels_a_long_transcription(page, tmp_path: Path) -> None:
     expect(field(page, "asr-stats")).to_have_value(re.compile(r"audio 5\.2 s .*tokens/s"), timeout=WAIT_MS)
 
 
+@pytest.mark.screenshot
 def test_qa_answers_and_renders_markup_as_text(page) -> None:
     open_tab(page, "Audio Q&A")
     upload(page, "qa-audio", EXAMPLES / "beeps_three.wav")
@@ -229,6 +237,7 @@ def test_qa_answers_and_renders_markup_as_text(page) -> None:
     screenshot(page, "qa")
 
 
+@pytest.mark.screenshot
 def test_caption_windows_show_a_timeline(page, tmp_path: Path) -> None:
     scene = np.concatenate([sf.read(EXAMPLES / name, dtype="float32")[0] for name in
                             ("noisy_street.wav", "melody_scale.wav", "beeps_three.wav", "speech_fox.wav",
@@ -246,6 +255,7 @@ def test_caption_windows_show_a_timeline(page, tmp_path: Path) -> None:
     screenshot(page, "caption")
 
 
+@pytest.mark.screenshot
 def test_routing_tab_renders_plots_for_two_clips(page) -> None:
     upload(page, "asr-audio", EXAMPLES / "speech_fox.wav")  # "the last clip" for the routing tab
     open_tab(page, "MoE routing")
@@ -262,6 +272,7 @@ def test_routing_tab_renders_plots_for_two_clips(page) -> None:
     screenshot(page, "routing")
 
 
+@pytest.mark.screenshot
 def test_corrupt_upload_shows_an_error_and_the_app_keeps_serving(page, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_text("RIFF but not really audio " * 40)
@@ -300,6 +311,7 @@ def test_two_client_sessions_keep_their_own_settings(app_url: str) -> None:
     assert isinstance(user_a.predict(clip, "", api_name="/asr"), str)
 
 
+@pytest.mark.screenshot
 def test_offline_start_serves_the_fallback_with_a_banner(browser, tmp_path: Path) -> None:
     """No --model, no $EUREKA_MODEL, Hub off, empty cache: the offline default is chosen at once and says so."""
     log_path = tmp_path / "offline.log"

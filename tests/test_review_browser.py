@@ -110,6 +110,7 @@ def audit_count(db: Path, **where: object) -> int:
         return int(session.scalar(query))
 
 
+@pytest.mark.screenshot
 def test_accept_with_the_keyboard_updates_status_and_audit(page, database) -> None:
     expect(header(page)).to_have_value(re.compile(r"^Sample 1 · status pending · version 1 · judge KEEP"),
                                        timeout=WAIT_MS)
