@@ -19,7 +19,7 @@ import gradio as gr
 from model import GenerationSettings
 from model.audio import SAMPLE_RATE
 from model.inference import EurekaAudio
-from model.prompts import question_options
+from model.prompts import option_replies, question_options
 
 from .common import (
     DEFAULT_MAX_SECONDS,
@@ -185,15 +185,15 @@ def answer_by_scoring(model: EurekaAudio, session: Session, system_prompt: str |
     """
     if not session["turns"] or session["turns"][-1]["answer"] is not None:
         raise gr.Error("Nothing to answer: ask a question first.")
-    options = question_options(session["turns"][-1]["question"])
-    if len(options) < 2:
+    replies = option_replies(session["turns"][-1]["question"])
+    if len(replies) < 2:
         raise gr.Error("Answering by the likeliest option needs a multiple-choice question (options A and B at least).")
-    replies = [f"{letter}. {text}" for letter, text in options.items()]
     started = time.perf_counter()
-    scores = model.score_replies(conversation_messages(session, system_prompt), replies)
+    scores = dict(zip(replies, model.score_replies(conversation_messages(session, system_prompt),
+                                                   list(replies.values())), strict=True))
     updated = copy.deepcopy(session)
-    updated["turns"][-1]["answer"] = replies[max(range(len(replies)), key=scores.__getitem__)]
-    ranking = ", ".join(f"{letter} {score:.2f}" for letter, score in zip(options, scores, strict=True))
+    updated["turns"][-1]["answer"] = replies[max(scores, key=scores.__getitem__)]
+    ranking = ", ".join(f"{letter} {score:.2f}" for letter, score in scores.items())
     return updated, (f"turn {len(updated['turns'])} answered by scoring {len(replies)} options in "
                      f"{time.perf_counter() - started:.2f} s · log-probabilities: {ranking}")
 

@@ -21,7 +21,7 @@ from .data.synth import read_manifest
 from .data.tasks import labelled_caption_facts
 from .inference import EurekaAudio
 from .loading import load_model
-from .prompts import question_options
+from .prompts import option_replies, question_options
 
 TARGETS = {"asr_wer": 0.10, "qa_accuracy": 0.90, "caption_fact_recall": 0.80, "speech_expert_share_of_nonspeech": 0.20}
 
@@ -172,10 +172,9 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     scored_by_kind: dict[str, list[bool]] = {}
     if mc_scoring:
         for record in by_task["qa"]:
-            options = question_options(question_text(record))
-            scores = model.score_replies(absolute(record, data_dir),
-                                         [f"{key}. {text}" for key, text in options.items()])
-            best = list(options)[int(np.argmax(scores))]
+            replies = option_replies(question_text(record))
+            scores = model.score_replies(absolute(record, data_dir), list(replies.values()))
+            best = list(replies)[int(np.argmax(scores))]
             scored_by_kind.setdefault(record.get("question_kind", "?"), []).append(
                 best == answer_letter(record["target"]))
     report: dict[str, Any] = {

@@ -177,3 +177,9 @@ def question_options(question: str) -> dict[str, str]:
     """{"A": option text, …} from a multiple-choice question laid out as the model was trained on ("Q\nA. …\nB. …",
     as DataFlux and the synthetic data write them)."""
     return {m.group(1): m.group(2).strip() for m in MULTIPLE_CHOICE_OPTION.finditer(question)}
+
+
+def option_replies(question: str) -> dict[str, str]:
+    """{"A": "A. option text", …}: each option of a multiple-choice question as the reply the model was trained to
+    give when choosing it — the candidates ``EurekaAudio.score_replies`` ranks."""
+    return {letter: f"{letter}. {text}" for letter, text in question_options(question).items()}

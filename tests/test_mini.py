@@ -62,7 +62,8 @@ def test_scoring_replies_sums_the_log_probabilities_generation_gives_them(mini) 
     of the same prompt: the reply it generates scores the sum of its tokens' log-softmaxed raw logits."""
     import torch
 
-    from model.evaluate import absolute, question_options, question_text
+    from model.evaluate import absolute, question_text
+    from model.prompts import option_replies
 
     record = next(r for r in map(json.loads, open(HELDOUT / "records_test.jsonl")) if r["task"] == "qa")
     messages = absolute(record, HELDOUT)
@@ -76,7 +77,7 @@ def test_scoring_replies_sums_the_log_probabilities_generation_gives_them(mini) 
     expected = sum(float(torch.log_softmax(logits[0].float(), -1)[token])
                    for logits, token in zip(output.logits, new_ids, strict=True))
     reply = mini.tokenizer.decode(new_ids[:-1], skip_special_tokens=True)
-    others = [f"{key}. {text}" for key, text in question_options(question_text(record)).items()]
+    others = list(option_replies(question_text(record)).values())
     scores = mini.score_replies(messages, [*others, reply])  # padded beside longer and shorter replies
     assert scores[-1] == pytest.approx(expected, abs=1e-3)
     assert mini.score_replies(messages, others[:1]) == pytest.approx(scores[:1], abs=1e-4)  # alone = in a batch
@@ -90,14 +91,15 @@ def test_qa_tab_answers_a_multiple_choice_turn_with_the_likeliest_option(mini) -
     import gradio as gr
 
     from app import qa
-    from model.evaluate import question_options, question_text
+    from model.evaluate import question_text
+    from model.prompts import option_replies
 
     record = next(r for r in map(json.loads, open(HELDOUT / "records_test.jsonl")) if r["task"] == "qa")
     clip = str(HELDOUT / record["messages"][-1]["content"][0]["audio_url"]["url"])
     question = question_text(record)
     session = qa.add_turn(qa.new_session(), [clip], question, score_options=True)
     answered, status = qa.answer_by_scoring(mini, session, system_prompt="")
-    replies = [f"{letter}. {text}" for letter, text in question_options(question).items()]
+    replies = list(option_replies(question).values())
     scores = mini.score_replies(qa.conversation_messages(session), replies)
     assert answered["turns"][-1]["answer"] == replies[scores.index(max(scores))]  # how often it is right: the floors
     assert session["turns"][-1]["answer"] is None  # the caller's session is not changed
