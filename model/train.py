@@ -55,6 +55,7 @@ class TrainConfig:
     sft_steps: int = 1500
     sft_decay_steps: int = 0  # > 0: SFT's cosine reaches its floor (0.1 × lr) at this step and holds it (0: at the end)
     asr_weight: int = 2
+    caption_weight: int = 1  # k > 1: SFT draws dense captions k times as often (their records repeated k times)
     ctc_weight: float = 0.5
     trait_weight: float = 0.0
     loss_average: str = "token"  # "token": every answer token counts once; "example": every answer counts once
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be one of {', '.join(GRAD_CLIPS)}, not {self.grad_clip!r}")
         if self.records_per_clip < 1 or self.length_buckets < 1 or self.encoder_layers < 0:
             raise ValueError("records_per_clip and length_buckets must be ≥ 1, encoder_layers ≥ 0")
+        if self.asr_weight < 1 or self.caption_weight < 1:
+            raise ValueError("asr_weight and caption_weight must be ≥ 1 (1: a task's records drawn as often as any)")
         if self.encoder_from_step < 0 or (self.encoder_from_step and not self.encoder_layers):
             raise ValueError("encoder_from_step needs encoder_layers > 0 (it delays their training) and must be ≥ 0")
         if not 0.0 <= self.qa_balance <= 1.0:
@@ -557,6 +560,21 @@ def question_kind_weights(records: list[dict], balance: float) -> list[float]:
     return [1.0 if k is None else scale * counts[k] ** -balance for k in kinds]
 
 
+def sft_pool(records: list[dict], examples: list[Example],
+             cfg: TrainConfig) -> tuple[list[Example], list[float] | None]:
+    """SFT's records (``examples``, one per record) with ASR's repeated ``asr_weight`` and captions'
+    ``caption_weight`` times in all, and their sampling weights (``question_kind_weights``; None without
+    ``qa_balance``). Repeats go after the records, so weights of 1 leave the pool — and the batches — as they were.
+
+    Why weights: ASR is the hardest task for a model this small, and a dense caption is one record a clip against
+    three questions, yet it carries most of the facts the evaluation looks for."""
+    repeats = [(e, r) for task, weight in (("asr", cfg.asr_weight), ("caption", cfg.caption_weight))
+               for _ in range(weight - 1) for e, r in zip(examples, records, strict=True) if r["task"] == task]
+    pool = examples + [e for e, _ in repeats]
+    weights = question_kind_weights(records + [r for _, r in repeats], cfg.qa_balance) if cfg.qa_balance else None
+    return pool, weights
+
+
 def sampler(items: list[Example], batch_size: int, seed: int, stage: str, records_per_clip: int = 1,
             length_buckets: int = 1, weights: list[float] | None = None) -> Callable[[int], list[Example]]:
     """Deterministic batches by step, so a resumed run sees the same data as an uninterrupted one.
@@ -695,9 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         traits.load_state_dict(state["traits"])
     audio_examples = [make_example(r, tokenizer, ids, cache) for r in records]
     text_examples = [text_example(t, tokenizer, ids) for t in sorted(set(corpus_text(records)))]
+    sft_examples, sft_weights = sft_pool(records, audio_examples, cfg)
 
-    # ASR is the hardest task for a model this small: it gets `asr_weight` times its share of SFT batches.
-    asr_examples = [e for e, r in zip(audio_examples, records, strict=True) if r["task"] == "asr"]
     # Training-only heads join the optimiser only when their loss is on (a resumed optimiser state must match).
     auxiliary = (list(model.ctc_head.parameters()) if cfg.ctc_weight > 0 else []) + \
         (list(traits.parameters()) if cfg.trait_weight > 0 else [])
@@ -709,10 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         ("align", groups(list(model.adapter.parameters()) + auxiliary),
          [e for e, r in zip(audio_examples, records, strict=True) if r["task"] in ("asr", "caption")], cfg.align_steps),
         ("sft", groups([*model.adapter.parameters(), *auxiliary, *model.backbone.parameters()], encoder_params),
-         audio_examples + asr_examples * (cfg.asr_weight - 1), cfg.sft_steps),
+         sft_examples, cfg.sft_steps),
     ]
-    sft_weights = (question_kind_weights(records, cfg.qa_balance) + [1.0] * len(asr_examples) * (cfg.asr_weight - 1)
-                   if cfg.qa_balance else None)
     # A stage is finished when its saved step reached the steps asked for now, so a run can also be extended.
     done = 0
     if state:

@@ -29,6 +29,7 @@ from model.train import (
     question_kind_weights,
     record_audio,
     sampler,
+    sft_pool,
     sft_sampler,
     speech_spans,
     spoken_tokens,
@@ -496,3 +497,19 @@ def test_sft_sampler_switches_records_per_clip_and_balance_at_their_steps() -> N
     with pytest.raises(ValueError, match="not a multiple of records_per_clip 3"):
         TrainConfig(batch_size=8, encoder_layers=2, encoder_until_step=5, records_per_clip=4,
                     frozen_records_per_clip=3)
+
+
+def test_sft_pool_repeats_asr_and_captions_by_their_weights_and_keeps_the_question_balance() -> None:
+    records = ([{"task": "qa", "question_kind": "duration"}] * 6 + [{"task": "qa", "question_kind": "tone_freq"}] * 2
+               + [{"task": "asr"}] * 3 + [{"task": "caption"}] * 4)
+    examples = [Example([i], [], [f"clip{i}.wav"]) for i in range(len(records))]
+    plain, none = sft_pool(records, examples, TrainConfig(asr_weight=1))
+    assert plain == examples and none is None  # weights of 1: the records, once each, in order
+    pool, weights = sft_pool(records, examples, TrainConfig(asr_weight=3, caption_weight=2, qa_balance=1.0))
+    assert pool[: len(examples)] == examples  # repeats come after, so earlier recipes draw what they drew
+    tasks = [records[examples.index(e)]["task"] for e in pool]
+    assert (tasks.count("qa"), tasks.count("asr"), tasks.count("caption")) == (8, 9, 8)
+    assert len(weights) == len(pool) and weights[8:] == [1.0] * (len(pool) - 8)  # only questions are reweighted
+    assert weights[:8] == question_kind_weights(records, 1.0)[:8]  # the balance among questions is unchanged
+    with pytest.raises(ValueError, match="asr_weight and caption_weight must be ≥ 1"):
+        TrainConfig(caption_weight=0)
