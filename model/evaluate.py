@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on the synthetic held-out split (``python -m model.evaluate --data DIR``).
 
 ASR word error rate (beside Whisper tiny.en on the same clips), multiple-choice accuracy, caption fact recall, and
-routing statistics: which experts speech and non-speech tokens go to, and the router's entropy.
+routing statistics: which experts speech and non-speech tokens go to, and the router's entropy. The scores carry 95 %
+intervals from resampling the held-out clips, so a gap to a target can be read against the split's own noise.
 Writes a JSON report and a markdown table.
 """
 
@@ -59,6 +60,33 @@ def chosen_option(question: str, output: str) -> str | None:
     body = re.sub(r"^\s*\(?[A-D][.)\s:]\s*", "", output).strip().lower()
     matches = [key for key, text in question_options(question).items() if body and text.lower() == body]
     return matches[0] if len(matches) == 1 else letter
+
+
+def clip_bootstrap_interval(per_clip: list[tuple[float, float]], resamples: int = 2000, seed: int = 0,
+                            level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` percentile interval of a ratio of sums (right / asked, edits / words, found / facts) over
+    clips resampled with replacement; ``per_clip`` holds each clip's (numerator, denominator).
+
+    Why by clip: a clip's questions and caption facts share its audio, so they are not independent draws; a
+    binomial interval over 300 questions would claim more certainty than 100 clips give."""
+    if not per_clip:
+        return (0.0, 0.0)
+    counts = np.asarray(per_clip, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(counts), size=(resamples, len(counts)))
+    sums = counts[picks].sum(axis=1)
+    ratios = sums[:, 0] / np.maximum(sums[:, 1], 1e-12)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+
+
+def per_clip_counts(clip_ids: list[str], numerators: list[float], denominators: list[float]) -> list[tuple]:
+    """(numerator, denominator) summed per clip, in first-seen clip order."""
+    totals: dict[str, list[float]] = {}
+    for clip, num, den in zip(clip_ids, numerators, denominators, strict=True):
+        row = totals.setdefault(clip, [0.0, 0.0])
+        row[0] += num
+        row[1] += den
+    return [tuple(row) for row in totals.values()]
 
 
 def question_text(record: dict[str, Any]) -> str:
@@ -158,25 +186,41 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     metas_by_id = {m["id"]: m for m in metas}
     found = total = 0
     recall_by_kind: dict[str, list[bool]] = {}
+    caption_counts: list[tuple[int, int]] = []
     for record, text in zip(by_task["caption"], caption_out, strict=True):
         caption_text = text.lower()
-        for kind, fact in labelled_caption_facts(metas_by_id[record["clip_id"]]):
+        facts = labelled_caption_facts(metas_by_id[record["clip_id"]])
+        for kind, fact in facts:
             found += fact in caption_text
             total += 1
             recall_by_kind.setdefault(kind, []).append(fact in caption_text)
+        caption_counts.append((sum(fact in caption_text for _, fact in facts), len(facts)))
     qa_right = [chosen_option(question_text(r), o) == answer_letter(r["target"])
                 for r, o in zip(by_task["qa"], qa_out, strict=True)]
     qa_by_kind: dict[str, list[bool]] = {}
     for record, right in zip(by_task["qa"], qa_right, strict=True):
         qa_by_kind.setdefault(record.get("question_kind", "?"), []).append(right)
     scored_by_kind: dict[str, list[bool]] = {}
+    scored_right: list[bool] = []
     if mc_scoring:
         for record in by_task["qa"]:
             replies = option_replies(question_text(record))
             scores = model.score_replies(absolute(record, data_dir), list(replies.values()))
             best = list(replies)[int(np.argmax(scores))]
-            scored_by_kind.setdefault(record.get("question_kind", "?"), []).append(
-                best == answer_letter(record["target"]))
+            scored_right.append(best == answer_letter(record["target"]))
+            scored_by_kind.setdefault(record.get("question_kind", "?"), []).append(scored_right[-1])
+    asr_clips = [r["clip_id"] for r in by_task["asr"]]
+    qa_clips = [r["clip_id"] for r in by_task["qa"]]
+    asr_words = [(normalise(r["target"]), normalise(o)) for r, o in zip(by_task["asr"], asr_out, strict=True)]
+    intervals = {
+        "asr_wer": clip_bootstrap_interval(per_clip_counts(
+            asr_clips, [edit_distance(ref, hyp) for ref, hyp in asr_words], [len(ref) for ref, _ in asr_words])),
+        "qa_accuracy": clip_bootstrap_interval(per_clip_counts(qa_clips, qa_right, [1] * len(qa_right))),
+        **({"qa_accuracy_scored": clip_bootstrap_interval(per_clip_counts(qa_clips, scored_right,
+                                                                          [1] * len(scored_right)))}
+           if mc_scoring else {}),
+        "caption_fact_recall": clip_bootstrap_interval(caption_counts),
+    }
     report: dict[str, Any] = {
         "model": model.name,
         "split": split,
@@ -188,12 +232,13 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
         "qa_questions": len(qa_out),
         "qa_accuracy": float(np.mean(qa_right)) if qa_right else 0.0,
         "qa_accuracy_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(qa_by_kind.items())},
-        **({"qa_accuracy_scored": float(np.mean(sum(scored_by_kind.values(), []))) if by_task["qa"] else 0.0,
+        **({"qa_accuracy_scored": float(np.mean(scored_right)) if scored_right else 0.0,
             "qa_accuracy_scored_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(scored_by_kind.items())}}
            if mc_scoring else {}),
         "caption_fact_recall": found / max(1, total),
         "caption_fact_recall_by_kind": {k: {"recall": round(float(np.mean(v)), 4), "facts": len(v)}
                                         for k, v in sorted(recall_by_kind.items())},
+        "intervals_95": {key: [round(low, 4), round(high, 4)] for key, (low, high) in intervals.items()},
         "routing": routing_stats(model, metas, data_dir),
         "generation_seconds": round(time.perf_counter() - started, 1),
         "examples": [{"task": r["task"], "target": r["target"], "output": o}
@@ -227,22 +272,30 @@ def export_subset(data_dir: Path, out_dir: Path, split: str = "test", n_clips: i
 def markdown(report: dict[str, Any]) -> str:
     routing = report["routing"]
     beams = report.get("asr_ctc_beams", 0)
+    intervals = report.get("intervals_95", {})
+
+    def value(key: str) -> str:
+        """The metric, with its 95 % interval over resampled clips when the report has one."""
+        low_high = intervals.get(key)
+        return f"{report[key]:.1%}" + (f" ({low_high[0]:.1%}–{low_high[1]:.1%})" if low_high else "")
+
     rows = [
-        ("ASR WER", f"{report['asr_wer']:.1%}", "≤ 10 %", f"{report['asr_utterances']} utterances"
+        ("ASR WER", value("asr_wer"), "≤ 10 %", f"{report['asr_utterances']} utterances"
          + (f", {beams} beams re-ranked by the CTC head" if beams > 1 else ", greedy")),
         *([("ASR WER, greedy", f"{report['asr_wer_greedy']:.1%}", "–", "no re-ranking")] if beams > 1 else []),
         ("Whisper tiny.en WER (peer)", f"{report['whisper_tiny_en_wer']:.1%}" if "whisper_tiny_en_wer" in report
          else "–", "–", "same clips"),
-        ("Multiple-choice accuracy", f"{report['qa_accuracy']:.1%}", "≥ 90 %", f"{report['qa_questions']} questions"),
-        *([("Multiple-choice accuracy, options scored", f"{report['qa_accuracy_scored']:.1%}", "–",
+        ("Multiple-choice accuracy", value("qa_accuracy"), "≥ 90 %", f"{report['qa_questions']} questions"),
+        *([("Multiple-choice accuracy, options scored", value("qa_accuracy_scored"), "–",
             "the option the model finds likeliest")] if "qa_accuracy_scored" in report else []),
-        ("Caption fact recall", f"{report['caption_fact_recall']:.1%}", "≥ 80 %", "facts from metadata"),
+        ("Caption fact recall", value("caption_fact_recall"), "≥ 80 %", "facts from metadata"),
         ("Speech expert's share of non-speech top-1", f"{routing['speech_expert_share_of_nonspeech']:.1%}", "< 20 %",
          f"expert {routing['speech_expert']}"),
         ("Router entropy (mean)", f"{routing['router_entropy_bits_mean']:.2f} bits", "–",
          f"max {routing['router_entropy_bits_max_possible']:.0f} bits"),
     ]
-    lines = [f"Held-out split `{report['split']}`, {report['clips']} clips, model `{report['model']}`.", "",
+    lines = [f"Held-out split `{report['split']}`, {report['clips']} clips, model `{report['model']}`."
+             + (" In brackets: 95 % intervals from resampling the clips (2 000 draws)." if intervals else ""), "",
              "| metric | value | target | note |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     by_question = report.get("qa_accuracy_by_kind", {})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from model import load_model, task_messages
-from model.evaluate import evaluate
+from model.evaluate import clip_bootstrap_interval, evaluate, markdown, per_clip_counts
 from model.loading import MINI_DIR
 
 HELDOUT = MINI_DIR / "heldout"
@@ -50,6 +50,10 @@ def test_mini_meets_floors_on_the_fixed_heldout_subset(mini) -> None:
     assert set(report["qa_accuracy_scored_by_kind"]) == set(report["qa_accuracy_by_kind"])
     assert report["caption_fact_recall"] >= FLOORS["caption_fact_recall_min"]
     assert report["routing"]["speech_expert_share_of_nonspeech"] < FLOORS["speech_expert_share_of_nonspeech_max"]
+    for key in ("asr_wer", "qa_accuracy", "qa_accuracy_scored", "caption_fact_recall"):  # each within its interval
+        low, high = report["intervals_95"][key]
+        assert low <= report[key] <= high, key
+    assert f"({report['intervals_95']['qa_accuracy'][0]:.1%}–" in markdown(report)
     # recall by kind of fact re-adds to the overall recall (each fact counted once, under its first kind)
     by_kind = report["caption_fact_recall_by_kind"].values()
     total = sum(row["facts"] for row in by_kind)
@@ -108,3 +112,21 @@ def test_qa_tab_answers_a_multiple_choice_turn_with_the_likeliest_option(mini) -
         qa.answer_by_scoring(mini, answered)
     with pytest.raises(gr.Error, match="needs a multiple-choice question"):
         qa.add_turn(qa.new_session(), [clip], "Who is speaking?", score_options=True)
+
+
+def test_clip_bootstrap_interval_resamples_clips_not_items() -> None:
+    """Ratios of sums over clips drawn with replacement: seeded, narrower with more clips, and a clip's items move
+    together (one clip with all 10 of its questions wrong is one draw, not ten)."""
+    assert per_clip_counts(["a", "b", "a"], [1, 0, 1], [1, 1, 1]) == [(2.0, 2.0), (0.0, 1.0)]
+    assert clip_bootstrap_interval([(3.0, 3.0)] * 20) == (1.0, 1.0)  # every clip right: no doubt
+    small = [(1.0, 1.0)] * 9 + [(0.0, 1.0)]
+    low, high = clip_bootstrap_interval(small)
+    assert low < 0.9 < high and clip_bootstrap_interval(small) == (low, high)
+    wide = high - low
+    low, high = clip_bootstrap_interval(small * 10)  # same accuracy, 100 clips
+    assert low < 0.9 < high and high - low < wide / 2
+    clustered = [(10.0, 10.0)] * 9 + [(0.0, 10.0)]  # 100 questions, but 10 clips
+    spread = [(1.0, 1.0)] * 90 + [(0.0, 1.0)] * 10  # 100 questions on 100 clips
+    assert (lambda i: i[1] - i[0])(clip_bootstrap_interval(clustered)) > 2 * (
+        lambda i: i[1] - i[0])(clip_bootstrap_interval(spread))
+    assert clip_bootstrap_interval([]) == (0.0, 0.0)
