@@ -184,17 +184,14 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     qa_out = generate_all(model, by_task["qa"], data_dir, batch_size, 32)
     caption_out = generate_all(model, by_task["caption"], data_dir, batch_size, 256)
     metas_by_id = {m["id"]: m for m in metas}
-    found = total = 0
     recall_by_kind: dict[str, list[bool]] = {}
-    caption_counts: list[tuple[int, int]] = []
+    caption_counts: list[tuple[int, int]] = []  # (facts found, facts) per caption
     for record, text in zip(by_task["caption"], caption_out, strict=True):
-        caption_text = text.lower()
-        facts = labelled_caption_facts(metas_by_id[record["clip_id"]])
-        for kind, fact in facts:
-            found += fact in caption_text
-            total += 1
-            recall_by_kind.setdefault(kind, []).append(fact in caption_text)
-        caption_counts.append((sum(fact in caption_text for _, fact in facts), len(facts)))
+        hits = [(kind, fact in text.lower()) for kind, fact in labelled_caption_facts(metas_by_id[record["clip_id"]])]
+        for kind, hit in hits:
+            recall_by_kind.setdefault(kind, []).append(hit)
+        caption_counts.append((sum(hit for _, hit in hits), len(hits)))
+    found, total = sum(n for n, _ in caption_counts), sum(n for _, n in caption_counts)
     qa_right = [chosen_option(question_text(r), o) == answer_letter(r["target"])
                 for r, o in zip(by_task["qa"], qa_out, strict=True)]
     qa_by_kind: dict[str, list[bool]] = {}
