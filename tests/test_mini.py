@@ -127,6 +127,6 @@ def test_clip_bootstrap_interval_resamples_clips_not_items() -> None:
     assert low < 0.9 < high and high - low < wide / 2
     clustered = [(10.0, 10.0)] * 9 + [(0.0, 10.0)]  # 100 questions, but 10 clips
     spread = [(1.0, 1.0)] * 90 + [(0.0, 1.0)] * 10  # 100 questions on 100 clips
-    assert (lambda i: i[1] - i[0])(clip_bootstrap_interval(clustered)) > 2 * (
-        lambda i: i[1] - i[0])(clip_bootstrap_interval(spread))
+    (low_c, high_c), (low_s, high_s) = clip_bootstrap_interval(clustered), clip_bootstrap_interval(spread)
+    assert high_c - low_c > 2 * (high_s - low_s)
     assert clip_bootstrap_interval([]) == (0.0, 0.0)

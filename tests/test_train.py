@@ -505,6 +505,8 @@ def test_sft_pool_repeats_asr_and_captions_by_their_weights_and_keeps_the_questi
     examples = [Example([i], [], [f"clip{i}.wav"]) for i in range(len(records))]
     plain, none = sft_pool(records, examples, TrainConfig(asr_weight=1))
     assert plain == examples and none is None  # weights of 1: the records, once each, in order
+    asr = [e for e, r in zip(examples, records, strict=True) if r["task"] == "asr"]
+    assert sft_pool(records, examples, TrainConfig(asr_weight=3))[0] == examples + asr * 2  # the pool before it
     pool, weights = sft_pool(records, examples, TrainConfig(asr_weight=3, caption_weight=2, qa_balance=1.0))
     assert pool[: len(examples)] == examples  # repeats come after, so earlier recipes draw what they drew
     tasks = [records[examples.index(e)]["task"] for e in pool]
