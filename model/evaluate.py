@@ -208,10 +208,10 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
             scored_by_kind.setdefault(record.get("question_kind", "?"), []).append(scored_right[-1])
     asr_clips = [r["clip_id"] for r in by_task["asr"]]
     qa_clips = [r["clip_id"] for r in by_task["qa"]]
-    asr_words = [(normalise(r["target"]), normalise(o)) for r, o in zip(by_task["asr"], asr_out, strict=True)]
+    asr_pairs = [(normalise(r["target"]), normalise(o)) for r, o in zip(by_task["asr"], asr_out, strict=True)]
+    asr_edits, asr_words = [edit_distance(ref, hyp) for ref, hyp in asr_pairs], [len(ref) for ref, _ in asr_pairs]
     intervals = {
-        "asr_wer": clip_bootstrap_interval(per_clip_counts(
-            asr_clips, [edit_distance(ref, hyp) for ref, hyp in asr_words], [len(ref) for ref, _ in asr_words])),
+        "asr_wer": clip_bootstrap_interval(per_clip_counts(asr_clips, asr_edits, asr_words)),
         "qa_accuracy": clip_bootstrap_interval(per_clip_counts(qa_clips, qa_right, [1] * len(qa_right))),
         **({"qa_accuracy_scored": clip_bootstrap_interval(per_clip_counts(qa_clips, scored_right,
                                                                           [1] * len(scored_right)))}
@@ -223,7 +223,7 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
         "split": split,
         "clips": len(metas),
         "asr_utterances": len(asr_out),
-        "asr_wer": word_error_rate([r["target"] for r in by_task["asr"]], asr_out),
+        "asr_wer": sum(asr_edits) / max(1, sum(asr_words)),  # word_error_rate's corpus WER, from the edits above
         "asr_ctc_beams": ctc_beams,
         "asr_wer_greedy": word_error_rate([r["target"] for r in by_task["asr"]], asr_greedy),
         "qa_questions": len(qa_out),
