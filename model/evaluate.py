@@ -323,14 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mc-scoring", action="store_true", help="also answer each multiple-choice question with "
                         "the option the model finds likeliest, and report that accuracy beside the generated answers'")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="writes report.json and report.md here")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, …)")
     parser.add_argument("--export-subset", type=int, metavar="N",
                         help="instead of evaluating, copy the first N clips of the split to --out")
     args = parser.parse_args(argv)
     if args.export_subset:
         print(export_subset(args.data, args.out, args.split, args.export_subset))
         return 0
-    report = evaluate(load_model(args.model), args.data, args.split, args.limit, args.batch_size, not args.no_baseline,
-                      args.ctc_beams, args.mc_scoring)
+    report = evaluate(load_model(args.model, device=args.device), args.data, args.split, args.limit, args.batch_size,
+                      not args.no_baseline, args.ctc_beams, args.mc_scoring)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(markdown(report))

@@ -48,6 +48,7 @@ class TrainConfig:
     vocab_size: int = 1024
     batch_size: int = 16
     lr: float = 2e-3
+    sft_lr: float = 0.0  # > 0: SFT's peak learning rate instead of lr (pre-training and alignment keep lr)
     weight_decay: float = 0.01
     warmup_steps: int = 50
     pretrain_steps: int = 300
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError("encoder_from_step needs encoder_layers > 0 (it delays their training) and must be ≥ 0")
         if not 0.0 <= self.qa_balance <= 1.0:
             raise ValueError("qa_balance must be in [0, 1] (0: every record alike; 1: every question kind alike)")
+        if self.lr <= 0 or self.sft_lr < 0:
+            raise ValueError("lr must be > 0 and sft_lr ≥ 0 (0: SFT uses lr)")
         if self.sft_decay_steps < 0:
             raise ValueError("sft_decay_steps must be ≥ 0 (0: SFT's cosine ends with SFT)")
         if self.encoder_until_step < 0:
@@ -193,16 +196,18 @@ def cache_encoder_outputs(encoder, data_dir: Path, clips: list[str], cache_path:
     for start in tqdm(range(0, len(todo), batch), desc="encoder cache", unit="batch", mininterval=5):
         names = todo[start : start + batch]
         features = [audio_features(data_dir / name, 80) for name in names]
+        device = encoder.conv1.weight.device
         if window == "trimmed":
-            frames = [encode_trimmed(encoder, f.log_mel) for f in features]
+            frames = [encode_trimmed(encoder, f.log_mel.to(device)) for f in features]
         else:
-            chunks = [chunk_log_mel(f.log_mel) for f in features]
+            chunks = [chunk_log_mel(f.log_mel).to(device) for f in features]
             frames = encoder(torch.cat(chunks)).split([c.shape[0] for c in chunks])
         for name, feature, clip_frames in zip(names, features, frames, strict=True):
-            cache[name] = stack_frames(clip_frames, feature.n_tokens).to(torch.float16).clone()
+            cache[name] = stack_frames(clip_frames, feature.n_tokens).to("cpu", torch.float16).clone()
         if start // batch % 1000 == 999:
             torch.save(cache, cache_path)
-    torch.save(cache, cache_path)
+    if todo:  # unchanged: not rewritten (several runs may read one cache file)
+        torch.save(cache, cache_path)
     return cache
 
 
@@ -218,15 +223,16 @@ def cache_encoder_outputs_and_hidden(encoder, data_dir: Path, clips: list[str], 
     todo = [c for c in clips if c not in outputs or c not in hidden]
     for done, name in enumerate(tqdm(todo, desc="encoder cache", unit="clip", mininterval=5), start=1):
         feature = audio_features(data_dir / name, 80)
-        state = encode_trimmed(encoder, feature.log_mel, blocks=blocks)
-        hidden[name] = state.to(torch.float16).clone()
+        state = encode_trimmed(encoder, feature.log_mel.to(encoder.conv1.weight.device), blocks=blocks)
+        hidden[name] = state.to("cpu", torch.float16).clone()
         frames = encoder_tail(encoder, state, blocks)
-        outputs[name] = stack_frames(frames, feature.n_tokens).to(torch.float16).clone()
+        outputs[name] = stack_frames(frames, feature.n_tokens).to("cpu", torch.float16).clone()
         if done % 1000 == 0:
             torch.save(outputs, cache_path)
             torch.save(hidden, hidden_path)
-    torch.save(outputs, cache_path)
-    torch.save(hidden, hidden_path)
+    if todo:  # unchanged: not rewritten (several runs may read one cache file)
+        torch.save(outputs, cache_path)
+        torch.save(hidden, hidden_path)
     return outputs, hidden
 
 
@@ -252,7 +258,7 @@ def encoder_tail_features(encoder, hidden: dict[str, torch.Tensor], outputs: dic
     87 % of speech events after the first two blocks but 65 % from the output, accent 63 → 53 %.
     """
     def features(names: list[str]) -> dict[str, torch.Tensor]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(next(iter(hidden.values())).device.type, dtype=torch.bfloat16, enabled=bf16):
             tails = {name: encoder_tail(encoder, hidden[name].float(), blocks) for name in dict.fromkeys(names)}
         return {name: stack_frames(tail.float(), outputs[name].shape[0]) for name, tail in tails.items()}
     return features
@@ -404,7 +410,7 @@ def trait_loss(head: TraitHead, per_clip: list[torch.Tensor], names: list[str], 
                 labels[trait].append(index)
     if not pooled:
         return None
-    return head(torch.stack(pooled), {t: torch.tensor(v) for t, v in labels.items()})
+    return head(torch.stack(pooled), {t: torch.tensor(v, device=pooled[0].device) for t, v in labels.items()})
 
 
 def per_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -434,7 +440,8 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
     slowly from the next-token loss alone (it first learns the sentence templates and guesses the slot words); a CTC
     loss asks every adapter output to say which word is spoken there, so word identity is linearly present in the
     audio embeddings from the alignment stage on, and decoding becomes copying."""
-    input_ids, labels, mask = collate(examples, ids.pad)
+    device = model.backbone.get_input_embeddings().weight.device
+    input_ids, labels, mask = (t.to(device) for t in collate(examples, ids.pad))
     audio_names = [a for e in examples for a in e.audio]
     audio_embeds, routing = None, None
     if audio_names:
@@ -464,12 +471,14 @@ def step_loss(model, examples: list[Example], cache: dict, ids: SpecialTokenIds,
     return loss, stats
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then a cosine from ``lr`` down to 0.1 × ``lr`` at step ``total``, held after it."""
+def lr_at(step: int, total: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """Linear warm-up, then a cosine from ``peak`` (default ``cfg.lr``) down to 0.1 × ``peak`` at step ``total``,
+    held after it."""
+    peak = cfg.lr if peak is None else peak
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def clip_gradients(param_groups: list[dict], params: list, mode: str) -> dict[str, float]:
@@ -506,8 +515,9 @@ def run_stage(name: str, model, param_groups: list[dict], batches, total: int, c
     model.train()
     until = cfg.encoder_until_step or total
     decay = min(total, cfg.sft_decay_steps or total) if name == "sft" else total  # where the cosine reaches its floor
+    peak = cfg.sft_lr if name == "sft" and cfg.sft_lr else cfg.lr
     for step in progress:
-        lr = lr_at(step, decay, cfg)
+        lr = lr_at(step, decay, cfg, peak)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # states saved before it: 1
         batch = batches(step)
@@ -640,6 +650,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export", type=Path, help="write the final checkpoint here (e.g. assets/eureka-mini)")
     parser.add_argument("--extra-records", type=Path, nargs="*", default=[],
                         help="more JSONL chat records to train on (e.g. a DataFlux export)")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu (the recipe's budget) or e.g. cuda; "
+                        "the encoder caches are kept on the CPU in their files either way")
     for field, value in TrainConfig().__dict__.items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     return parser.parse_args(argv)
@@ -678,13 +690,16 @@ def main(argv: list[str] | None = None) -> int:
         # here, after the Whisper weights load, the order in which the model card's seeded runs drew it
         model.config.ctc_head = True
         model.ctc_head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=False)
-    state = torch.load(args.out / "resume.pt", weights_only=False) if (args.out / "resume.pt").is_file() else {}
+    state = torch.load(args.out / "resume.pt", weights_only=False, map_location="cpu") \
+        if (args.out / "resume.pt").is_file() else {}
     if state:
         model.load_state_dict(state["model"])
         torch.set_rng_state(state["torch_rng"])
         print(f"resuming: stage {state['stage']} step {state['step']}")
 
     clips = sorted({a for r in records for a in record_audio(r)})
+    device = torch.device(args.device)
+    model.to(device)
     model.audio_encoder.eval()
     window = model.config.encoder_window
     cache_path = args.out / f"encoder_cache_{window}.pt"
@@ -702,15 +717,18 @@ def main(argv: list[str] | None = None) -> int:
         cache, hidden = cache_encoder_outputs_and_hidden(model.audio_encoder, args.data, clips, cache_path,
                                                          hidden_path, first_trained)
         cache = {name: cache[name] for name in clips}  # a shared cache file may hold more (re-caching does these)
+        hidden = {name: hidden[name].to(device) for name in clips}
         sft_features = encoder_tail_features(model.audio_encoder, hidden, cache, first_trained,
                                              bool(cfg.encoder_bf16))
         encoder_params = [*model.audio_encoder.blocks[first_trained:].parameters(),
                           *model.audio_encoder.ln_post.parameters()]
+    cache = {name: output.to(device) for name, output in cache.items()}
     spoken = spoken_tokens(args.data, tokenizer, bool(cfg.ctc_sounds))
     spans = speech_spans(args.data)
     traits = TraitHead(model.config.hidden_size)
     if state.get("traits"):
         traits.load_state_dict(state["traits"])
+    traits.to(device)
     audio_examples = [make_example(r, tokenizer, ids, cache) for r in records]
     text_examples = [text_example(t, tokenizer, ids) for t in sorted(set(corpus_text(records)))]
     sft_examples, sft_weights = sft_pool(records, audio_examples, cfg)
@@ -749,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     print(f"training done in {minutes:.1f} min")
     if args.export:
+        model.to("cpu")
         EurekaAudio(model, tokenizer, name="eureka-mini").save_pretrained(args.export, dtype=torch.float16)
         print(f"wrote {args.export}")
     return 0

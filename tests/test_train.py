@@ -225,22 +225,30 @@ def test_training_cli_runs_exports_and_resumes(dataset: Path, tmp_path: Path, ca
     # the CTC head the CTC term trained ships with the checkpoint (for re-ranking transcriptions)
     trained = torch.load(tmp_path / "run" / "resume.pt", weights_only=False)["model"]["ctc_head.weight"]
     assert model.config.ctc_head and torch.equal(model.model.ctc_head.weight, trained.half().float())
-    # a finished run resumes at its end: nothing is trained twice
+    # a finished run resumes at its end: nothing is trained twice, and its unchanged encoder cache is not rewritten
+    # (runs started from one set of cache files read them side by side)
+    cache_file = tmp_path / "run" / "encoder_cache_trimmed.pt"
+    written = cache_file.stat().st_mtime_ns
     assert main(args) == 0
     assert len(open(tmp_path / "run" / "train_log.jsonl").readlines()) == 6
     assert "resuming: stage sft step 2" in capsys.readouterr().out
+    assert cache_file.stat().st_mtime_ns == written
 
 
-def test_sft_decay_steps_reach_the_floor_early_and_hold_it(dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sft_lr", [0.0, 1e-3])
+def test_sft_decay_steps_reach_the_floor_early_and_hold_it(dataset: Path, tmp_path: Path, sft_lr: float) -> None:
     args = ["--data", str(dataset), "--out", str(tmp_path / "run"), "--pretrain-steps", "3", "--align-steps", "2",
             "--sft-steps", "5", "--sft-decay-steps", "3", "--batch-size", "4", "--warmup-steps", "1",
-            "--vocab-size", "400"]
+            "--vocab-size", "400", "--sft-lr", str(sft_lr)]
     assert main(args) == 0
     log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
     lr = TrainConfig().lr
+    peak = sft_lr or lr  # --sft-lr sets SFT's peak alone
     sft = [row["lr"] for row in log if row["stage"] == "sft"]
     # warm-up, the cosine's start, its middle, then the floor from step 3 on, held to the end
-    assert sft == pytest.approx([lr, lr, 0.55 * lr, 0.1 * lr, 0.1 * lr])
+    assert sft == pytest.approx([peak, peak, 0.55 * peak, 0.1 * peak, 0.1 * peak])
+    with pytest.raises(ValueError, match="sft_lr ≥ 0"):
+        TrainConfig(sft_lr=-1e-3)
     # other stages keep their own cosine, which ends with them
     assert [row["lr"] for row in log if row["stage"] == "pretrain"] == pytest.approx([lr, lr, 0.55 * lr])
 
