@@ -23,6 +23,7 @@ from model.train import (
     cache_encoder_outputs,
     cache_encoder_outputs_and_hidden,
     corpus_text,
+    letter_weights,
     main,
     make_example,
     per_answer_loss,
@@ -135,6 +136,39 @@ def test_per_answer_loss_weighs_every_answer_alike() -> None:
     assert torch.allclose(per_answer_loss(logits, labels), ForCausalLMLoss(logits, labels, vocab_size=11), atol=1e-6)
     with pytest.raises(ValueError, match="loss_average"):
         TrainConfig(loss_average="sentence")
+
+
+def test_letter_weight_weighs_only_multiple_choice_letters(dataset: Path) -> None:
+    """Only a multiple-choice answer's first token (its option letter) is weighed up, and the loss is then the
+    weighted mean within each answer; weight 1 is the unweighted loss."""
+    setup = tiny_setup(dataset, "cache-tiny.pt")
+    records = [next(r for r in setup.records if r["task"] == task) for task in ("qa", "asr", "caption")]
+    examples = [make_example(r, setup.tokenizer, setup.ids, setup.cache) for r in records]
+    assert [e.choice for e in examples] == [True, False, False]
+    qa = examples[0]
+    letter_at = next(i for i, label in enumerate(qa.labels) if label != IGNORE)
+    assert setup.tokenizer.decode([qa.labels[letter_at]]) == records[0]["target"][0]  # the letter is one token
+    width = max(len(e.labels) for e in examples)
+    weights = letter_weights(examples, width, 5.0)
+    assert weights[0, letter_at] == 5.0 and weights.sum() == 3 * width + 4.0
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, width, len(setup.tokenizer))
+    labels = torch.full((3, width), IGNORE)
+    for row, example in enumerate(examples):
+        labels[row, : len(example.labels)] = torch.tensor(example.labels)
+    token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                     ignore_index=IGNORE, reduction="none")
+    answer = (labels[0, 1:] != IGNORE).float() * weights[0, 1:]
+    per_answer = [(token_losses[0] * answer).sum() / answer.sum()] + [
+        token_losses[row][labels[row, 1:] != IGNORE].mean() for row in (1, 2)]
+    assert torch.allclose(per_answer_loss(logits, labels, weights), torch.stack(per_answer).mean(), atol=1e-5)
+    assert torch.allclose(per_answer_loss(logits, labels, letter_weights(examples, width, 1.0)),
+                          per_answer_loss(logits, labels), atol=1e-6)
+    with pytest.raises(ValueError, match="letter_weight"):
+        TrainConfig(letter_weight=2.0)  # token averaging has no answers to weigh within
+    with pytest.raises(ValueError, match="letter_weight"):
+        TrainConfig(letter_weight=0.0, loss_average="example")
 
 
 def test_ctc_term_trains_the_adapter_on_spoken_words(dataset: Path) -> None:
