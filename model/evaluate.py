@@ -53,13 +53,23 @@ def answer_letter(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def answer_body(output: str) -> str:
+    """An answer's text after its leading letter, lower-cased: "B. Low" → "low"."""
+    return re.sub(r"^\s*\(?[A-D][.)\s:]\s*", "", output).strip().lower()
+
+
 def chosen_option(question: str, output: str) -> str | None:
     """The option an answer picks: by its text when it quotes an option (as MMAU-style graders match choice strings),
     else by its leading letter."""
-    letter = answer_letter(output)
-    body = re.sub(r"^\s*\(?[A-D][.)\s:]\s*", "", output).strip().lower()
+    body = answer_body(output)
     matches = [key for key, text in question_options(question).items() if body and text.lower() == body]
-    return matches[0] if len(matches) == 1 else letter
+    return matches[0] if len(matches) == 1 else answer_letter(output)
+
+
+def off_option(question: str, output: str) -> bool:
+    """Whether an answer's text is none of the options offered ("C. About 1 800 Hz" where C is "About 210 Hz"): such
+    an answer is graded by its letter alone, and shows the model saying what it heard rather than picking."""
+    return answer_body(output) not in {text.lower() for text in question_options(question).values()}
 
 
 def clip_bootstrap_interval(per_clip: list[tuple[float, float]], resamples: int = 2000, seed: int = 0,
@@ -194,6 +204,8 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
     found, total = sum(n for n, _ in caption_counts), sum(n for _, n in caption_counts)
     qa_right = [chosen_option(question_text(r), o) == answer_letter(r["target"])
                 for r, o in zip(by_task["qa"], qa_out, strict=True)]
+    letter_right = [answer_letter(o) == answer_letter(r["target"]) for r, o in zip(by_task["qa"], qa_out, strict=True)]
+    off_options = [off_option(question_text(r), o) for r, o in zip(by_task["qa"], qa_out, strict=True)]
     qa_by_kind: dict[str, list[bool]] = {}
     for record, right in zip(by_task["qa"], qa_right, strict=True):
         qa_by_kind.setdefault(record.get("question_kind", "?"), []).append(right)
@@ -229,6 +241,8 @@ def evaluate(model: EurekaAudio, data_dir: Path, split: str = "test", limit: int
         "qa_questions": len(qa_out),
         "qa_accuracy": float(np.mean(qa_right)) if qa_right else 0.0,
         "qa_accuracy_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(qa_by_kind.items())},
+        "qa_letter_accuracy": float(np.mean(letter_right)) if letter_right else 0.0,  # the leading letter alone
+        "qa_off_option_share": float(np.mean(off_options)) if off_options else 0.0,
         **({"qa_accuracy_scored": float(np.mean(scored_right)) if scored_right else 0.0,
             "qa_accuracy_scored_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(scored_by_kind.items())}}
            if mc_scoring else {}),
@@ -301,6 +315,10 @@ def markdown(report: dict[str, Any]) -> str:
     if by_question:
         lines += ["", "Multiple-choice accuracy by question kind: " + ", ".join(
             f"{kind} {accuracy:.0%}" for kind, accuracy in by_question.items()) + "."]
+    if "qa_letter_accuracy" in report:
+        lines += ["", f"Multiple-choice answers: the leading letter alone is right in "
+                  f"{report['qa_letter_accuracy']:.1%}; {report['qa_off_option_share']:.1%} quote no option offered "
+                  "(graded by their letter)."]
     if by_scored:
         lines += ["", "Multiple-choice accuracy by question kind, options scored: " + ", ".join(
             f"{kind} {accuracy:.0%}" for kind, accuracy in by_scored.items()) + "."]

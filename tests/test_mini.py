@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from model import load_model, task_messages
-from model.evaluate import clip_bootstrap_interval, evaluate, markdown, per_clip_counts
+from model.evaluate import chosen_option, clip_bootstrap_interval, evaluate, markdown, off_option, per_clip_counts
 from model.loading import MINI_DIR
 
 HELDOUT = MINI_DIR / "heldout"
@@ -54,6 +54,8 @@ def test_mini_meets_floors_on_the_fixed_heldout_subset(mini) -> None:
         low, high = report["intervals_95"][key]
         assert low <= report[key] <= high, key
     assert f"({report['intervals_95']['qa_accuracy'][0]:.1%}–" in markdown(report)
+    assert 0 <= report["qa_letter_accuracy"] <= 1 and 0 <= report["qa_off_option_share"] <= 1
+    assert f"letter alone is right in {report['qa_letter_accuracy']:.1%}" in markdown(report)
     # recall by kind of fact re-adds to the overall recall (each fact counted once, under its first kind)
     by_kind = report["caption_fact_recall_by_kind"].values()
     total = sum(row["facts"] for row in by_kind)
@@ -112,6 +114,15 @@ def test_qa_tab_answers_a_multiple_choice_turn_with_the_likeliest_option(mini) -
         qa.answer_by_scoring(mini, answered)
     with pytest.raises(gr.Error, match="needs a multiple-choice question"):
         qa.add_turn(qa.new_session(), [clip], "Who is speaking?", score_options=True)
+
+
+def test_grading_reads_an_answers_text_first_and_flags_text_no_option_has() -> None:
+    """An answer is graded by the option its text quotes, else by its letter; text quoting no option is flagged."""
+    question = "How high is the voice?\nA. Low\nB. Medium\nC. High\nD. It keeps changing"
+    assert chosen_option(question, "A. Low") == "A" and not off_option(question, "A. Low")
+    assert chosen_option(question, "A. Medium") == "B" and not off_option(question, "B. medium ")  # text wins
+    assert chosen_option(question, "C. Very high") == "C" and off_option(question, "C. Very high")  # letter alone
+    assert chosen_option(question, "No idea") is None and off_option(question, "No idea")
 
 
 def test_clip_bootstrap_interval_resamples_clips_not_items() -> None:
