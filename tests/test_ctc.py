@@ -176,8 +176,8 @@ def test_mini_reranks_a_batch_as_it_reranks_each_conversation(mini) -> None:
 
 
 def rerank_example() -> dict:
-    """Held-out clip test-000043 (bundled beside the CI subset for this): greedy decoding hears a word the grammar
-    allows but the audio does not say ("lamp" for "clock")."""
+    """Held-out clip test-000026 (bundled beside the CI subset for this): greedy decoding hears a word the grammar
+    allows but the audio does not say ("eleven" for "eight")."""
     folder = HELDOUT / "rerank"
     record = json.loads((folder / "records_test.jsonl").read_text())
     item = record["messages"][-1]["content"][0]["audio_url"]
