@@ -58,7 +58,8 @@ class TrainConfig:
     align_steps: int = 300
     sft_steps: int = 1500
     sft_decay_steps: int = 0  # > 0: SFT's cosine reaches its floor (0.1 × lr) at this step and holds it (0: at the end)
-    asr_weight: int = 2
+    asr_weight: int = 2  # k > 1: SFT draws ASR records k times as often; the bundled checkpoint's recipe uses 2 (3:
+    # test MC lower, every validation score higher, in one seed each: model card, session 16)
     caption_weight: int = 1  # k > 1: SFT draws dense captions k times as often (their records repeated k times)
     ctc_weight: float = 0.5
     trait_weight: float = 0.0
@@ -284,9 +285,9 @@ def refresh_encoder_cache(cache: dict[str, torch.Tensor], features: Callable[[li
     Why: an SFT step that trains the encoder blocks takes 0.64 s on this host, one that reads fixed outputs 0.38 s,
     and this re-caching 57 s for 8 000 clips (session 13) — what lets a recipe fit the 60-minute budget. With one
     gradient-norm clip over all parameters, where the encoder's gradients dominate the norm, the switch made every
-    other step ≈ 8× larger at once (a loss spike); use ``--grad-clip group``. The bundled checkpoint (session 15)
-    trains the encoder until SFT step 2 000 of 6 700 and scores at least as well as session 12's, which trained it
-    throughout (≈ 82 min against 57.5 from nothing); see the model card.
+    other step ≈ 8× larger at once (a loss spike); use ``--grad-clip group``. Session 15's checkpoint
+    trained the encoder until SFT step 2 000 of 6 700 and scored at least as well as session 12's, which trained it
+    throughout (≈ 82 min against 57.5 from nothing); the bundled one (session 16) does the same; see the model card.
     """
     names = list(cache)
     for start in tqdm(range(0, len(names), batch), desc="re-caching encoder outputs", unit="batch", mininterval=5):
@@ -661,7 +662,8 @@ def sft_sampler(items: list[Example], cfg: TrainConfig,
 
     Why switch: several records a clip only save the encoder blocks' work, which a fixed encoder no longer does, and
     they cost distinct utterances a step (4 clips × 4 records never learnt to copy words: model card, session 5). The
-    balance mirrors the bundled checkpoint's recipe, whose last 1 000 steps alone drew every question kind alike.
+    balance delayed to a late step mirrors the recipe of session 12's checkpoint, whose last 1 000 steps alone drew
+    every question kind alike (the bundled one's last 2 000 do).
     """
     draws: dict[tuple[int, bool], Callable[[int], list[Example]]] = {}
 
