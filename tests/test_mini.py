@@ -120,7 +120,7 @@ def test_grading_reads_an_answers_text_first_and_flags_text_no_option_has() -> N
     """An answer is graded by the option its text quotes, else by its letter; text quoting no option is flagged."""
     question = "How high is the voice?\nA. Low\nB. Medium\nC. High\nD. It keeps changing"
     assert chosen_option(question, "A. Low") == "A" and not off_option(question, "A. Low")
-    assert chosen_option(question, "A. Medium") == "B" and not off_option(question, "B. medium ")  # text wins
+    assert chosen_option(question, "A. Medium") == "B" and not off_option(question, "A. medium ")  # text wins
     assert chosen_option(question, "C. Very high") == "C" and off_option(question, "C. Very high")  # letter alone
     assert chosen_option(question, "No idea") is None and off_option(question, "No idea")
 
