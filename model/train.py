@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from .config import EurekaConfig
 from .ctc import ctc_loss
 from .data.synth import ACCENTS, RATE_CLASSES, VOICE_PITCH_CLASSES, read_manifest
 from .data.tasks import foreground_events, sound_description_records, sound_kind_records, transcript
+from .evaluate import answer_letter
 from .fast_decode import encode_trimmed, encoder_tail
 from .inference import TOKEN_SECONDS, EurekaAudio
 from .loading import build_model
@@ -301,7 +301,7 @@ def make_example(record: dict[str, Any], tokenizer, ids: SpecialTokenIds, cache:
     prompt = build_prompt(record["messages"], lambda t: encode_plain_text(tokenizer, t), ids,
                           [cache[a].shape[0] for a in audio])
     answer = encode_plain_text(tokenizer, record["target"]) + [ids.im_end]
-    choice = record.get("task") == "qa" and re.match(r"[A-D]\. ", record["target"]) is not None
+    choice = record.get("task") == "qa" and answer_letter(record["target"]) is not None
     return Example(prompt.input_ids + answer, [IGNORE] * len(prompt.input_ids) + answer, audio, choice)
 
 
