@@ -29,6 +29,7 @@ from model.train import (
     per_answer_loss,
     question_kind_weights,
     record_audio,
+    remembering_text_encoder,
     sampler,
     sft_pool,
     sft_sampler,
@@ -96,6 +97,17 @@ def auxiliary_term_losses(setup: TinySetup, head: torch.nn.Module, stat: str, **
         optimizer.step()
         values.append(stats[stat])
     return values
+
+
+def test_remembering_text_encoder_builds_the_same_examples(dataset: Path) -> None:
+    setup = tiny_setup(dataset, "cache-tiny.pt")
+    encode = remembering_text_encoder(setup.tokenizer)
+    plain = [make_example(r, setup.tokenizer, setup.ids, setup.cache) for r in setup.records]
+    remembered = [make_example(r, setup.tokenizer, setup.ids, setup.cache, encode) for r in setup.records]
+    assert remembered == plain
+    ids = encode("user\n")
+    ids.append(-1)  # a caller may extend what it gets: what is remembered stays as it was
+    assert encode("user\n") == ids[:-1]
 
 
 @pytest.mark.parametrize("loss_average", ["token", "example"])
