@@ -7,6 +7,9 @@ held-out evaluation is `python -m model.evaluate --model mini --data <dataset>`.
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,24 @@ def test_mini_is_bundled_small_and_described(mini) -> None:
     assert facts["name"] == "eureka-mini"
     assert "8 routed (top-2) + 1 shared" in facts["experts"]
     assert (MINI_DIR / "README.md").is_file()
+
+
+def recipe_flags(command: str) -> dict[str, str]:
+    """A ``python -m model.train`` command's flags, without where it reads and writes."""
+    words = shlex.split(command[command.index("-m model.train") + len("-m model.train"):])
+    flags = dict(zip(words[::2], words[1::2], strict=True))
+    return {k: v for k, v in flags.items() if k not in ("--data", "--out", "--export")}
+
+
+def test_make_mini_trains_with_the_recipe_the_model_card_gives() -> None:
+    """``make mini`` and the model card's recipe are written twice; this keeps them one recipe."""
+    card = (MINI_DIR / "README.md").read_text()
+    bundled = card[card.index("## The bundled checkpoint"):card.index("## The session-15 checkpoint")]
+    card_command = re.search(r"python -m model\.train .*?(?=\n```)", bundled.replace("\\\n", " "), re.S).group(0)
+    make = subprocess.run(["make", "-n", "mini"], cwd=MINI_DIR.parents[1], capture_output=True, text=True, check=True)
+    make_command = next(line for line in make.stdout.splitlines() if "-m model.train" in line).rstrip(" &\\")
+    assert recipe_flags(make_command) == recipe_flags(card_command)
+    assert recipe_flags(card_command)["--sft-steps"] == "6700"
 
 
 def test_mini_transcribes_a_bundled_heldout_example_exactly(mini) -> None:
